@@ -1,0 +1,404 @@
+"""Typed configuration: one dataclass per section, loaded from YAML, overridable as `section.key=value`.
+
+Every field has a docstring (the string literal under it) that `describe()` prints and the README's
+config reference is generated from. Validation errors name the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key and the allowed values."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class RunSection:
+    name: str = "tiny"
+    """Run name: checkpoints go to `<storage>/checkpoints/<name>`; running again with the same name resumes."""
+    storage: str = "s3://rld"
+    """Root URI for every artifact (s3://bucket/prefix, gs://..., or a local folder)."""
+    seed: int = 0
+    """Global seed: data split order, model init, noise, sampling."""
+
+
+@dataclass
+class DataSection:
+    source: str = field(default="emoji", metadata=_choices("emoji", "fashion_mnist", "shards"))
+    """Built-in dataset to ingest (`emoji`, `fashion_mnist`), or `shards`: your own img2dataset output at `input_uri`."""
+    input_uri: str = ""
+    """Prefix of the raw dataset (holding `train/` and `test/`). Empty: `<storage>/datasets/<source>`."""
+    format: str = field(default="webdataset", metadata=_choices("webdataset", "parquet"))
+    """Layout of the raw shards: img2dataset's webdataset tars or parquet with image bytes + caption."""
+    image_col: str = "jpg"
+    """Parquet layout only: the column holding encoded image bytes."""
+    caption_col: str = "caption"
+    """Parquet layout only: the column holding the caption."""
+    image_size: int = 32
+    """Images are resized (short side) and center-cropped to this many pixels."""
+    n_train: int = 0
+    """Ingest at most this many training items (0: all)."""
+    n_test: int = 0
+    """Ingest at most this many test items (0: all)."""
+    shard_size: int = 1000
+    """Items per ingested shard."""
+    source_dir: str = ""
+    """fashion_mnist only: folder with the IDX files (empty: the Debian package's folder)."""
+
+
+@dataclass
+class TextEncoderSection:
+    pretrained: str = ""
+    """Hub id or local path of a T5 (e.g. google/t5-v1_1-base). Empty: a seeded random-init tiny T5, labelled 'untrained'."""
+    max_length: int = 32
+    """Captions are padded/truncated to this many tokens."""
+    d_model: int = 32
+    """Untrained tiny T5 only: hidden size (also the denoiser's cross-attention width)."""
+    num_layers: int = 2
+    """Untrained tiny T5 only: encoder layers."""
+    num_heads: int = 2
+    """Untrained tiny T5 only: attention heads."""
+    d_ff: int = 64
+    """Untrained tiny T5 only: feed-forward width."""
+
+
+@dataclass
+class VAESection:
+    pretrained: str = ""
+    """Path or hub id of a diffusers AutoencoderKL. Empty: a seeded random-init VAE, labelled 'untrained'."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    """Untrained VAE only: channels per resolution; the latent is downsampled 2**(len-1) times."""
+    layers_per_block: int = 1
+    """Untrained VAE only: ResNet layers per block."""
+    latent_channels: int = 4
+    """Untrained VAE only: channels of the latent."""
+    norm_num_groups: int = 16
+    """Untrained VAE only: GroupNorm groups (must divide every block's channels)."""
+
+
+@dataclass
+class DenoiserSection:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    """UNet channels per resolution."""
+    layers_per_block: int = 1
+    """ResNet layers per UNet block."""
+    attention_head_dim: int = 8
+    """Channels per attention head in the cross-attention blocks."""
+    cross_attention_levels: int = 1
+    """How many of the lowest-resolution levels carry cross-attention to the text."""
+    norm_num_groups: int = 16
+    """GroupNorm groups (must divide every block's channels)."""
+
+
+@dataclass
+class EncodeSection:
+    batch_size: int = 64
+    """Rows per batch for the encoder actors."""
+    num_actors: int = 1
+    """Size of the encoder actor pool (each takes one GPU when GPUs exist)."""
+    use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
+    """Give each encoder actor a GPU: auto = when the cluster has GPUs."""
+
+
+@dataclass
+class ScheduleSection:
+    num_train_timesteps: int = 1000
+    """T, the number of diffusion steps."""
+    beta_schedule: str = field(default="linear", metadata=_choices("linear", "scaled_linear", "squaredcos_cap_v2"))
+    """Noise schedule (DDPM: linear)."""
+    beta_start: float = 1e-4
+    """beta_1."""
+    beta_end: float = 0.02
+    """beta_T."""
+
+
+@dataclass
+class TrainSection:
+    steps: int = 200
+    """Total optimizer steps (running again with a larger value continues from the last checkpoint)."""
+    batch_size: int = 32
+    """Global batch size (split across workers)."""
+    lr: float = 2e-4
+    """AdamW peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warm-up steps, then constant."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0: off)."""
+    ema_decay: float = 0.999
+    """EMA decay of the weights used for sampling."""
+    cond_dropout: float = 0.1
+    """Probability of replacing a caption with the empty one (classifier-free guidance)."""
+    num_workers: int = 1
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
+    """Train on GPUs: auto = when the cluster has GPUs."""
+    mixed_precision: str = field(default="bf16", metadata=_choices("bf16", "no"))
+    """bf16 autocast on GPU (CPU always runs float32)."""
+    report_every: int = 20
+    """Report metrics every this many steps (each report costs Ray Train a poll)."""
+    checkpoint_every: int = 100
+    """Checkpoint every this many steps (and always at the end)."""
+    num_to_keep: int = 2
+    """Committed checkpoints kept; older ones are deleted only after a newer one is committed."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer."""
+
+
+@dataclass
+class GenerateSection:
+    prompts: str = "test"
+    """`test`/`train`: that split's captions; or a .txt (one per line), .jsonl or .parquet file/URI."""
+    prompt_col: str = "caption"
+    """Column of the prompts in a .jsonl/.parquet prompt file."""
+    num_images: int = 64
+    """Images to generate (prompts are cycled if fewer)."""
+    sampler: str = field(default="ddim", metadata=_choices("ddpm", "ddim", "dpm"))
+    """DDPM ancestral (Ho et al. Algorithm 2), DDIM, or DPM-Solver++."""
+    steps: int = 50
+    """Sampling steps."""
+    guidance_scale: float = 2.0
+    """Classifier-free guidance scale (1: no guidance)."""
+    seed: int = 0
+    """Image i's noise comes from a seed derived from (seed, i): any image can be regenerated alone."""
+    batch_size: int = 32
+    """Prompts per batch in a generator actor."""
+    num_actors: int = 1
+    """Size of the generator actor pool."""
+    use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
+    """Give each generator actor a GPU: auto = when the cluster has GPUs."""
+    grid_size: int = 64
+    """Images in the sample-grid PNG."""
+
+
+@dataclass
+class FIDSection:
+    enabled: bool = True
+    """Compute FID of the generated images against the test split."""
+    batch_size: int = 50
+    """Images per Inception batch."""
+    n_ref: int = 0
+    """Reference images from the test split (0: all)."""
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+    vae: VAESection = field(default_factory=VAESection)
+    denoiser: DenoiserSection = field(default_factory=DenoiserSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    encode: EncodeSection = field(default_factory=EncodeSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+    fid: FIDSection = field(default_factory=FIDSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short stable hash of the named sections (or of everything) and the seed."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections} | {"seed": self.run.seed}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    # Derived locations: one place decides the storage layout.
+    def raw_uri(self) -> str:
+        from pipeline import storage
+
+        return self.data.input_uri or storage.join(self.run.storage, "datasets", self.data.source)
+
+    def latents_uri(self) -> str:
+        from pipeline import storage
+
+        name = f"{self.data.source}-{self.data.image_size}px-{self.fingerprint('data', 'text_encoder', 'vae')}"
+        return storage.join(self.run.storage, "latents", name)
+
+    def checkpoints_uri(self) -> str:
+        from pipeline import storage
+
+        return storage.join(self.run.storage, "checkpoints")
+
+    def outputs_uri(self) -> str:
+        from pipeline import storage
+
+        return storage.join(self.run.storage, "outputs", self.run.name)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field, read from the class source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+    return docs
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build_section(cls: type, values: dict, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        if k not in fields:
+            raise ConfigError(f"unknown key {section}.{k}; allowed keys in [{section}]: {', '.join(fields)}")
+        key = f"{section}.{k}"
+        v = _coerce(v, hints[k], key)
+        choices = fields[k].metadata.get("choices")
+        if choices and v not in choices:
+            raise ConfigError(f"{key}: {v!r} is not allowed; choose one of: {', '.join(choices)}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def from_dict(d: dict) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for name, values in (d or {}).items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}; allowed sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {name!r} must be a mapping of key: value")
+        built[name] = _build_section(hints[name], values, name)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def _set_override(d: dict, item: str) -> None:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    path, raw = item.split("=", 1)
+    section, key = path.split(".", 1)
+    d.setdefault(section, {})
+    if not isinstance(d[section], dict):
+        raise ConfigError(f"section {section!r} must be a mapping")
+    d[section][key] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config and apply `section.key=value` overrides (values parsed as YAML)."""
+    d: dict = {}
+    if path:
+        text = Path(path).read_text()
+        d = yaml.safe_load(text) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        _set_override(d, item)
+    return from_dict(d)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks a dataclass can't express."""
+
+    def positive(key: str, v: float) -> None:
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+
+    positive("data.image_size", cfg.data.image_size)
+    positive("data.shard_size", cfg.data.shard_size)
+    positive("train.steps", cfg.train.steps)
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.num_workers", cfg.train.num_workers)
+    positive("train.lr", cfg.train.lr)
+    positive("train.report_every", cfg.train.report_every)
+    positive("train.checkpoint_every", cfg.train.checkpoint_every)
+    positive("generate.steps", cfg.generate.steps)
+    positive("generate.num_images", cfg.generate.num_images)
+    positive("encode.batch_size", cfg.encode.batch_size)
+    if cfg.train.batch_size % cfg.train.num_workers:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.num_workers ({cfg.train.num_workers})"
+        )
+    if not 0.0 <= cfg.train.cond_dropout < 1.0:
+        raise ConfigError(f"train.cond_dropout: must be in [0, 1), got {cfg.train.cond_dropout}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.generate.steps > cfg.schedule.num_train_timesteps:
+        raise ConfigError(
+            f"generate.steps ({cfg.generate.steps}) must be <= schedule.num_train_timesteps ({cfg.schedule.num_train_timesteps})"
+        )
+    if cfg.data.source == "shards" and not cfg.data.input_uri:
+        raise ConfigError("data.input_uri: required when data.source is 'shards' (the prefix of your img2dataset output)")
+    for key, channels, groups in (
+        ("vae", cfg.vae.block_out_channels, cfg.vae.norm_num_groups),
+        ("denoiser", cfg.denoiser.block_out_channels, cfg.denoiser.norm_num_groups),
+    ):
+        if not channels:
+            raise ConfigError(f"{key}.block_out_channels: must not be empty")
+        bad = [c for c in channels if c % groups]
+        if bad:
+            raise ConfigError(f"{key}.norm_num_groups ({groups}) must divide every entry of {key}.block_out_channels {channels}")
+    levels = len(cfg.denoiser.block_out_channels)
+    if not 0 <= cfg.denoiser.cross_attention_levels <= levels:
+        raise ConfigError(f"denoiser.cross_attention_levels: must be in [0, {levels}], got {cfg.denoiser.cross_attention_levels}")
+    latent = cfg.data.image_size // 2 ** (len(cfg.vae.block_out_channels) - 1)
+    if not cfg.vae.pretrained and latent % 2 ** (levels - 1):
+        raise ConfigError(
+            f"denoiser.block_out_channels: {levels} levels need a latent size divisible by {2 ** (levels - 1)}, "
+            f"but data.image_size={cfg.data.image_size} gives {latent}"
+        )
+
+
+def describe() -> str:
+    """Markdown reference of every section and field (used in the README)."""
+    lines = []
+    hints = typing.get_type_hints(Config)
+    for sec in dataclasses.fields(Config):
+        cls = hints[sec.name]
+        lines.append(f"\n**`{sec.name}`**\n")
+        lines.append("| key | default | meaning |\n|---|---|---|")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            choices = f.metadata.get("choices")
+            doc = docs.get(f.name, "") + (f" One of: {', '.join(choices)}." if choices else "")
+            lines.append(f"| `{f.name}` | `{default!r}` | {doc} |")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""The encode stage on Ray Data: raw shards -> (decode on CPU tasks) -> (T5 + VAE actors) -> latent parquet.
+
+    read_binary_files / read_parquet      stream the raw shards from object storage
+    flat_map(parse shard) + map_batches(decode_batch)       CPU tasks: bytes -> RGB array or a reason
+    materialize; split into rejects and good rows            every input row lands in exactly one table
+    map_batches(EncodeLatents, concurrency=num_actors)       actors hold the frozen T5 and VAE encoder
+    write_parquet(<latents>/<split>/), then manifest.json, null_text.npz and _COMMITTED last
+
+The decoded rows are materialized once so that the rejects and the encoded rows come from the same
+pass: n_in = n_encoded + n_rejected is checked, not assumed. (At cluster scale the materialized
+images spill to the object store's disk; see the README's known gaps.)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.data import schema
+from pipeline.data.decode import check_record, clean_caption
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+
+
+# ---- CPU stage: raw rows -> decoded rows (pure functions, used by Ray tasks) ---------------------
+
+def parse_tar_row(row: dict) -> list[dict]:
+    """One row of read_binary_files (a whole tar) -> raw records with uniform column types."""
+    from pipeline.data.shards import read_webdataset_shard
+
+    return [_uniform(r) for r in read_webdataset_shard(row["bytes"], row["path"])]
+
+
+def parquet_batch_to_raw(batch: dict, image_col: str, caption_col: str) -> dict:
+    """A read_parquet batch in img2dataset's parquet layout -> raw records."""
+    n = len(batch[image_col])
+    keys = batch["key"] if "key" in batch else [f"{p}#{i}" for i, p in enumerate(batch.get("path", [""] * n))]
+    rows = [
+        _uniform({"key": str(keys[i]), "image": batch[image_col][i], "caption": batch[caption_col][i],
+                  "source": str(batch["path"][i]) if "path" in batch else "", "reason": None})
+        for i in range(n)
+    ]
+    return {k: [r[k] for r in rows] for k in ("key", "image", "caption", "source", "reason")}
+
+
+def _uniform(r: dict) -> dict:
+    reason = r.get("reason")
+    caption = r.get("caption")
+    if reason is None and caption is None and r.get("image") is not None:
+        reason = schema.REASON_MISSING_CAPTION
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            caption, reason = "", reason or schema.REASON_CAPTION_NOT_UTF8
+    return {
+        "key": str(r.get("key") or ""),
+        "image": bytes(r.get("image") or b""),
+        "caption": caption or "",
+        "source": str(r.get("source") or ""),
+        "reason": reason or "",
+    }
+
+
+def decode_batch(batch: dict, image_size: int) -> dict:
+    """Raw records -> key, caption, image (uint8 N x S x S x 3; zeros for rejects), reason ('' if ok)."""
+    n = len(batch["key"])
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    captions, reasons = [], []
+    for i in range(n):
+        reason = batch["reason"][i]
+        caption = batch["caption"][i]
+        if not reason:
+            array, reason = check_record(batch["key"][i], batch["image"][i] or None, caption, image_size)
+            if array is not None:
+                images[i] = array
+                caption, _ = clean_caption(caption)
+        captions.append(caption if not reason else "")
+        reasons.append(reason or "")
+    return {"key": list(batch["key"]), "source": list(batch["source"]), "caption": captions,
+            "image": images, "reason": reasons}
+
+
+# ---- GPU/CPU actor stage: the frozen encoders ----------------------------------------------------
+
+class EncodeLatents:
+    """Ray Data callable class: models are built once per actor in __init__."""
+
+    def __init__(self, cfg_dict: dict):
+        import torch
+
+        from pipeline.config import from_dict
+        from pipeline.models.text import build_text_encoder
+        from pipeline.models.vae import build_vae
+
+        cfg = from_dict(cfg_dict)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.text = build_text_encoder(cfg.text_encoder, cfg.run.seed, self.device)
+        self.vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        from pipeline.models.vae import encode_images
+
+        latents = encode_images(self.vae, batch["image"], self.device)
+        emb, mask = self.text.encode([str(c) for c in batch["caption"]], self.device)
+        return {
+            "key": batch["key"],
+            "caption": batch["caption"],
+            "latent": latents.float().cpu().numpy(),
+            "text_emb": emb.float().cpu().numpy().astype(np.float16),
+            "text_mask": mask.cpu().numpy().astype(np.int8),
+        }
+
+
+# ---- Driver ---------------------------------------------------------------------------------------
+
+def read_raw(cfg, split: str):
+    """A Ray Dataset of raw records (key, image bytes, caption, source, reason) for one split."""
+    import ray
+    from pipeline.data.shards import list_shards
+
+    prefix = storage.join(cfg.raw_uri(), split)
+    shards = list_shards(prefix, cfg.data.format)
+    if not shards:
+        raise FileNotFoundError(
+            f"no {cfg.data.format} shards under {prefix}: run `python -m jobs.ingest` first, "
+            f"or point data.input_uri at a prefix holding train/ and test/ shards"
+        )
+    uris = [storage.ray_path(s) for s in shards]
+    if cfg.data.format == "webdataset":
+        ds = ray.data.read_binary_files(uris, include_paths=True)
+        return ds.flat_map(parse_tar_row), len(shards)
+    ds = ray.data.read_parquet(uris, include_paths=True)
+    return ds.map_batches(parquet_batch_to_raw, fn_kwargs={"image_col": cfg.data.image_col,
+                                                           "caption_col": cfg.data.caption_col},
+                          batch_format="numpy"), len(shards)
+
+
+def encode_split(cfg, split: str, out_uri: str, use_gpu: bool) -> dict:
+    import ray
+
+    raw, n_shards = read_raw(cfg, split)
+    decoded = raw.map_batches(decode_batch, fn_kwargs={"image_size": cfg.data.image_size},
+                              batch_size=256, batch_format="numpy").materialize()
+    n_in = decoded.count()
+    rejects = decoded.filter(lambda r: r["reason"] != "").select_columns(["key", "source", "reason"])
+    good = decoded.filter(lambda r: r["reason"] == "").select_columns(["key", "caption", "image"])
+    rejects_rows = rejects.take_all()
+    reject_uri = storage.join(out_uri, "rejects", split)
+    if rejects_rows:
+        ray.data.from_items(rejects_rows).repartition(1).write_parquet(storage.ray_path(reject_uri))
+    encoded = good.map_batches(
+        EncodeLatents,
+        fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
+        batch_size=cfg.encode.batch_size,
+        concurrency=cfg.encode.num_actors,
+        num_gpus=1 if use_gpu else 0,
+        batch_format="numpy",
+    )
+    encoded.write_parquet(storage.ray_path(storage.join(out_uri, split)))
+    n_encoded = ray.data.read_parquet(storage.ray_path(storage.join(out_uri, split))).count() if good.count() else 0
+    by_reason: dict[str, int] = {}
+    for r in rejects_rows:
+        code = schema.reason_code(r["reason"])
+        by_reason[code] = by_reason.get(code, 0) + 1
+    counts = {"n_shards": n_shards, "n_in": n_in, "n_encoded": n_encoded, "n_rejected": len(rejects_rows),
+              "rejects_by_reason": by_reason}
+    if n_in != n_encoded + len(rejects_rows):
+        raise RuntimeError(f"encode {split}: counts do not reconcile: {counts}")
+    log.info("encode %s: %s", split, counts)
+    return counts
+
+
+def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
+    """Encode every split into `cfg.latents_uri()`; returns the manifest. Skips work already committed
+    with the same config (the latents location is keyed by a hash of data, text encoder, VAE, seed)."""
+    import ray
+    import torch
+
+    from pipeline.models.text import build_text_encoder
+    from pipeline.models.vae import build_vae, latent_shape
+
+    out = cfg.latents_uri()
+    if storage.is_committed(out) and not force:
+        manifest = storage.read_json(storage.join(out, "manifest.json"))
+        if set(splits) <= set(manifest["splits"]):
+            log.info("encode: %s already committed, reusing it", out)
+            print(f"encode: reusing committed latents at {out}")
+            return manifest
+    storage.rm(out)  # an uncommitted earlier attempt is never trusted: start clean
+    t0 = time.time()
+    text = build_text_encoder(cfg.text_encoder, cfg.run.seed)
+    vae, vae_identity = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size)
+    null_emb, null_mask = text.encode([""])
+    buf = io.BytesIO()
+    np.savez(buf, emb=null_emb[0].numpy().astype(np.float32), mask=null_mask[0].numpy().astype(np.int64))
+
+    wants = cfg.encode.use_gpu
+    use_gpu = wants == "yes" or (wants == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    split_counts = {s: encode_split(cfg, s, out, use_gpu) for s in splits}
+    untrained = not (text.identity["trained"] and vae_identity["trained"])
+    manifest = {
+        "splits": split_counts,
+        "n_in": sum(c["n_in"] for c in split_counts.values()),
+        "n_encoded": sum(c["n_encoded"] for c in split_counts.values()),
+        "n_rejected": sum(c["n_rejected"] for c in split_counts.values()),
+        "latent_shape": list(latent_shape(vae, cfg.data.image_size)),
+        "text_shape": [cfg.text_encoder.max_length, text.dim],
+        "text_encoder": text.identity,
+        "vae": vae_identity,
+        "untrained": untrained,
+        "raw_uri": cfg.raw_uri(),
+        "config": {k: cfg.to_dict()[k] for k in ("data", "text_encoder", "vae")},
+        "seconds": round(time.time() - t0, 2),
+        "torch": torch.__version__,
+    }
+    storage.write_bytes(storage.join(out, "null_text.npz"), buf.getvalue())
+    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.write_commit_marker(out, {"n_encoded": manifest["n_encoded"]})
+    if untrained:
+        print("encode: NOTE latents come from UNTRAINED encoders (no pretrained T5/VAE configured)")
+    return manifest
+
+
+def load_null_text(latents_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(storage.read_bytes(storage.join(latents_uri, "null_text.npz")))) as z:
+        return z["emb"], z["mask"]
+
+
+def load_manifest(latents_uri: str) -> dict:
+    if not storage.is_committed(latents_uri):
+        raise FileNotFoundError(f"no committed latent dataset at {latents_uri}: run `python -m jobs.encode` first")
+    return storage.read_json(storage.join(latents_uri, "manifest.json"))

@@ -1,0 +1,49 @@
+"""The ingest stage: a built-in dataset -> img2dataset-layout shards in object storage.
+
+Each split goes to `<raw_uri>/<split>/` as webdataset tars (or parquet). Every shard is written in
+one atomic PUT; the split's `_COMMITTED` marker (with counts and the settings that produced it) is
+written last, and a later run with the same settings reuses it instead of re-rendering.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline import storage
+from pipeline.data import sources
+from pipeline.data.shards import write_parquet_shards, write_webdataset_shards
+
+log = logging.getLogger(__name__)
+
+
+def ingest(cfg) -> dict:
+    if cfg.data.source == "shards":
+        print(f"ingest: data.source=shards: using your shards at {cfg.raw_uri()} as they are")
+        return {}
+    counts = {}
+    for split, limit in (("train", cfg.data.n_train), ("test", cfg.data.n_test)):
+        prefix = storage.join(cfg.raw_uri(), split)
+        settings = {"source": cfg.data.source, "split": split, "limit": limit, "format": cfg.data.format,
+                    "shard_size": cfg.data.shard_size, "source_dir": cfg.data.source_dir}
+        marker = storage.join(prefix, storage.COMMIT_MARKER)
+        if storage.exists(marker):
+            done = storage.read_json(marker)
+            if done.get("settings") == settings:
+                print(f"ingest: reusing {done['count']} {split} items at {prefix}")
+                counts[split] = done["count"]
+                continue
+        storage.rm(prefix)  # stale or partial: never mixed with new shards
+        t0 = time.time()
+        opts = {"root": cfg.data.source_dir} if cfg.data.source == "fashion_mnist" and cfg.data.source_dir else {}
+        records = sources.iter_source(cfg.data.source, split, limit=limit or None, **opts)
+        if cfg.data.format == "webdataset":
+            written = write_webdataset_shards(records, prefix, cfg.data.shard_size)
+        else:
+            written = write_parquet_shards(records, prefix, cfg.data.shard_size,
+                                           image_col=cfg.data.image_col, caption_col=cfg.data.caption_col)
+        n = int(written["count"])
+        storage.write_commit_marker(prefix, {"count": n, "settings": settings, "shards": written.get("shards")})
+        print(f"ingest: {n} {split} items from {cfg.data.source} -> {prefix} ({time.time() - t0:.1f}s)")
+        counts[split] = n
+    return counts

