@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from urllib.parse import urlparse
 
@@ -22,7 +23,19 @@ def _bucket(cfg) -> str:
     return "rld"
 
 
+def _stop_on_sigterm(signum, frame):
+    # `ray job stop`, `timeout` and `kill` send SIGTERM: turn it into an exception so the
+    # context managers below stop SeaweedFS and the Ray head instead of orphaning them.
+    raise SystemExit(128 + signum)
+
+
 def run(cfg, run_dir: str) -> dict:
+    from pipeline.local import RAY_ENV_DEFAULTS
+
+    # Read by Ray at import: makes this driver, too, use 127.0.0.1 rather than the machine's address.
+    for k, v in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     import ray
 
     from jobs import generate as generate_job

@@ -434,10 +434,12 @@ class SeaweedS3:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)  # reap our child
             # weed removes its gRPC sockets (/tmp/seaweedfs-*-grpc-<port>.sock) on a clean stop only.
+            leftovers = [os.path.join(self.run_dir, "tmp", f"{kind}.sock") for kind in ("filer", "s3")]
             for port in self.ports.values():
-                for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+                leftovers += glob.glob(f"/tmp/seaweedfs-*-{port}.sock")
+            for path in leftovers:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         self.restore_env()
 
     def __enter__(self) -> "SeaweedS3":
@@ -567,6 +569,7 @@ class LocalRay:
         os.makedirs(self.temp_dir, exist_ok=True)
         self.ports = dict(zip(self.PORT_FLAGS, free_ports(len(self.PORT_FLAGS))))
         logger.info("starting Ray head at %s (dashboard %s, log %s)", self.address, self.dashboard_url, self.log_path)
+        proc: subprocess.Popen | None = None
         try:
             with open(self.log_path, "ab") as log:
                 # `ray start` daemonizes gcs_server, raylet, dashboard ... and exits; they stay in the
@@ -594,9 +597,29 @@ class LocalRay:
             self._wait_job_server()
         except BaseException:  # KeyboardInterrupt included: stop whatever part of the head came up
             self.stop()
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
             raise
         logger.info("Ray head ready: ray.init(address=%r), dashboard %s", self.address, self.dashboard_url)
         return self
+
+    def connect(self, **init_kwargs) -> None:
+        """`ray.init()` this process (as a driver) into our head.
+
+        Ray rewrites a 127.0.0.1 address to the machine's outward IP (where nothing of ours
+        listens, so ray.init hangs) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was in the
+        environment when ray was first imported. If ray was imported before that, set the
+        constant the variable controls (it is read at call time) to the same effect.
+        """
+        import ray
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            logger.info("ray was imported without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; keeping the driver on %s", HOST)
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        init_kwargs.setdefault("logging_level", logging.WARNING)
+        ray.init(address=self.address, **init_kwargs)
 
     def _wait_job_server(self) -> None:
         """`ray start` returns before the dashboard's job server answers; `ray job submit` needs it."""
@@ -654,6 +677,30 @@ class LocalRay:
 
 
 @contextlib.contextmanager
+def sigterm_raises_exit() -> Iterator[None]:
+    """While inside, SIGTERM raises SystemExit(143) in the main thread instead of killing us outright.
+
+    `timeout`, `kill` and schedulers send SIGTERM; by default Python then dies without running
+    `finally` blocks, leaving the services running. Only the default handler is replaced, and the
+    previous one is restored on exit; elsewhere than the main thread this does nothing.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def _raise(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def local_services(
     run_dir: str,
     num_cpus: int | None = None,
@@ -663,9 +710,10 @@ def local_services(
 
     Yields (s3, ray_head). While inside, os.environ holds the S3 variables (so this process's
     storage helpers and ray.init() drivers reach the server); they are restored on exit, also on
-    exceptions and KeyboardInterrupt.
+    exceptions, KeyboardInterrupt and SIGTERM (see sigterm_raises_exit). Connect a driver with
+    `ray_head.connect()`.
     """
-    with SeaweedS3(run_dir, bucket=bucket) as s3:
+    with sigterm_raises_exit(), SeaweedS3(run_dir, bucket=bucket) as s3:
         s3.apply_env()
         with LocalRay(run_dir, num_cpus=num_cpus, env=s3.env) as head:
             yield s3, head

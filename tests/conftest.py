@@ -16,6 +16,8 @@ import pytest
 # No model hub is reachable: fail fast (about 1.5 s) instead of hanging (about 47 s) on a hub id.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Read by ray at import: keeps drivers (ray.init in this process) on 127.0.0.1 like the head.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # the project need not be pip-installed to be tested
@@ -49,7 +51,7 @@ def ray_cluster(s3: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
     head = LocalRay(str(tmp_path_factory.mktemp("ray-run")), num_cpus=2, env=s3.env)
     with head:
-        ray.init(address=head.address, logging_level="WARNING", log_to_driver=False)
+        head.connect()
         try:
             yield head
         finally:

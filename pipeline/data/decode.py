@@ -101,7 +101,7 @@ def decode_image(
                 schema.make_reason(schema.REASON_IMAGE_TOO_LARGE, f"{img.width}x{img.height} > {max_pixels} px")
             )
         img.load()  # forces full decoding: truncated files fail here, not later
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # phone photos are often stored rotated
     except Image.DecompressionBombError as e:
         raise DecodeError(schema.make_reason(schema.REASON_IMAGE_TOO_LARGE, e))
     except DecodeError:

