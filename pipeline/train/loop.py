@@ -78,6 +78,7 @@ def run_loop(
     state, so a resumed run skips exactly the batches it already trained on."""
     window = MetricWindow(state.noise_scheduler.config.num_train_timesteps)
     total = cfg.train.steps
+    resumed_from = state.step
     while state.step < total:
         seen = 0
         for i, batch in enumerate(batches_for_epoch(state.epoch)):
@@ -90,7 +91,8 @@ def run_loop(
             last = state.step >= total
             checkpoint = last or state.step % cfg.train.checkpoint_every == 0
             if checkpoint or state.step % cfg.train.report_every == 0:
-                report(window.flush(state, world_size), state if checkpoint else None)
+                metrics = window.flush(state, world_size) | {"resumed_from": resumed_from}
+                report(metrics, state if checkpoint else None)
             if last:
                 return
         if seen == 0:

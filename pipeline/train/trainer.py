@@ -73,6 +73,7 @@ def fit(cfg) -> dict:
     summary = {
         "steps": int(metrics.get("step", 0)),
         "final_loss": metrics.get("loss"),
+        "resumed_from": int(metrics.get("resumed_from", 0)),
         "checkpoint": checkpoint,
         "seconds": round(time.time() - t0, 2),
         "num_workers": cfg.train.num_workers,
