@@ -1,5 +1,5 @@
 """The whole pipeline on one machine: a local S3 server and Ray head, then
-ingest -> encode -> train -> generate + FID, and everything started is stopped again.
+ingest -> [train_vae] -> encode -> train -> generate + FID, and everything started is stopped again.
 
     python -m jobs.demo --config configs/demo.yaml --run-dir runs/demo [section.key=value ...]
 
@@ -43,6 +43,7 @@ def run(cfg, run_dir: str) -> dict:
     from pipeline.data.ingest import ingest
     from pipeline.local import local_services
     from pipeline.train.trainer import fit
+    from pipeline.train.vae_job import train_vae
 
     os.makedirs(run_dir, exist_ok=True)
     stages: dict[str, float] = {}
@@ -62,6 +63,7 @@ def run(cfg, run_dir: str) -> dict:
         try:
             cli.prepare_storage(cfg)
             ingested = timed("ingest", lambda: ingest(cfg))
+            vae = timed("train_vae", lambda: train_vae(cfg)) if cfg.vae.source == "trained" else None
             manifest = timed("encode", lambda: encode(cfg))
             train = timed("train", lambda: fit(cfg))
             gen = timed("generate+fid", lambda: generate_job.run(cfg))
@@ -83,7 +85,10 @@ def run(cfg, run_dir: str) -> dict:
         "train": {"steps": train["steps"], "final_loss": train["final_loss"], "checkpoint": train["checkpoint"]},
         "fid": {"value": fid.get("fid"), "n_gen": fid.get("n_gen"), "n_ref": fid.get("n_ref")},
         "generate": {k: gen[k] for k in ("sampler", "steps", "guidance_scale", "images_per_s", "uri")},
+        "vae": ({k: vae[k] for k in ("test_psnr", "test_kl_per_dim", "scaling_factor", "steps")} if vae
+                else {"source": cfg.vae.source, "trained": manifest["vae"]["trained"]}),
         "untrained_encoders": manifest["untrained"],
+        "encoders": {"text_encoder": manifest["text_encoder"], "vae": manifest["vae"]},
         "storage": cfg.run.storage,
         "grid": os.path.join(run_dir, "grid.png"),
     }
@@ -98,9 +103,12 @@ def main(argv=None) -> dict:
     run_dir = os.path.abspath(args.run_dir)
     summary = run(cfg, run_dir)
     print("\n=== summary ===")
-    print(json.dumps({k: summary[k] for k in ("stages", "counts", "train", "fid", "untrained_encoders")}, indent=2))
-    if summary["untrained_encoders"]:
-        print("NOTE: the T5 and VAE are UNTRAINED (no weights configured): expect a poor FID and unrecognisable images.")
+    print(json.dumps({k: summary[k] for k in ("stages", "counts", "vae", "train", "fid", "untrained_encoders")}, indent=2))
+    untrained = [k for k in ("text_encoder", "vae") if not summary["encoders"][k]["trained"]]
+    if untrained:
+        print(f"NOTE: UNTRAINED {' and '.join(untrained)} (random init, no weights configured)"
+              + (": expect a poor FID and unrecognisable images." if "vae" in untrained else
+                 ": captions are encoded by a random T5, so prompts steer the samples only weakly."))
     print(f"summary: {run_dir}/summary.json  grid: {summary['grid']}  outputs: {summary['generate']['uri']}")
     return summary
 

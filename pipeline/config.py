@@ -79,10 +79,12 @@ class TextEncoderSection:
 
 @dataclass
 class VAESection:
+    source: str = field(default="random", metadata=_choices("random", "pretrained", "trained"))
+    """`random`: a seeded random-init VAE, labelled 'untrained'; `pretrained`: load `vae.pretrained`; `trained`: the VAE that `jobs.train_vae` exported for this run (`<storage>/vae/<run.name>`)."""
     pretrained: str = ""
-    """Path or hub id of a diffusers AutoencoderKL. Empty: a seeded random-init VAE, labelled 'untrained'."""
+    """Path, s3:// URI or hub id of a diffusers AutoencoderKL folder (with `vae.source: pretrained`)."""
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
-    """Untrained VAE only: channels per resolution; the latent is downsampled 2**(len-1) times."""
+    """Architecture of a random/trained VAE: channels per resolution; the latent is downsampled 2**(len-1) times."""
     layers_per_block: int = 1
     """Untrained VAE only: ResNet layers per block."""
     latent_channels: int = 4
@@ -128,7 +130,9 @@ class ScheduleSection:
 
 
 @dataclass
-class TrainSection:
+class LoopSection:
+    """What every Ray Train loop shares (the denoiser's `train` and the autoencoder's `vae_train`)."""
+
     steps: int = 200
     """Total optimizer steps (running again with a larger value continues from the last checkpoint)."""
     batch_size: int = 32
@@ -141,10 +145,6 @@ class TrainSection:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this (0: off)."""
-    ema_decay: float = 0.999
-    """EMA decay of the weights used for sampling."""
-    cond_dropout: float = 0.1
-    """Probability of replacing a caption with the empty one (classifier-free guidance)."""
     num_workers: int = 1
     """Ray Train workers (DDP ranks)."""
     use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
@@ -159,6 +159,32 @@ class TrainSection:
     """Committed checkpoints kept; older ones are deleted only after a newer one is committed."""
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer."""
+
+
+@dataclass
+class TrainSection(LoopSection):
+    """The latent denoiser's training (`jobs.train`)."""
+
+    ema_decay: float = 0.999
+    """EMA decay of the weights used for sampling."""
+    cond_dropout: float = 0.1
+    """Probability of replacing a caption with the empty one (classifier-free guidance)."""
+
+
+@dataclass
+class VAETrainSection(LoopSection):
+    """The autoencoder's training (`jobs.train_vae`), used when `vae.source` is `trained`."""
+
+    steps: int = 1000
+    """Total optimizer steps (running again with a larger value continues from the last checkpoint)."""
+    lr: float = 1e-3
+    """AdamW peak learning rate."""
+    beta: float = 1e-4
+    """Weight of KL(q(z|x) || N(0, I)) per pixel dimension against the reconstruction MSE."""
+    scale_images: int = 512
+    """Training images whose latents set the scaling factor (1 / std)."""
+    eval_images: int = 512
+    """Held-out test images for the reconstruction PSNR and KL (0: all)."""
 
 
 @dataclass
@@ -206,6 +232,7 @@ class Config:
     denoiser: DenoiserSection = field(default_factory=DenoiserSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     encode: EncodeSection = field(default_factory=EncodeSection)
+    vae_train: VAETrainSection = field(default_factory=VAETrainSection)
     train: TrainSection = field(default_factory=TrainSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
     fid: FIDSection = field(default_factory=FIDSection)
@@ -226,11 +253,23 @@ class Config:
 
         return self.data.input_uri or storage.join(self.run.storage, "datasets", self.data.source)
 
-    def latents_uri(self) -> str:
+    def vae_export_uri(self) -> str:
+        """Where `jobs.train_vae` exports the trained autoencoder (diffusers format)."""
         from pipeline import storage
 
-        name = f"{self.data.source}-{self.data.image_size}px-{self.fingerprint('data', 'text_encoder', 'vae')}"
-        return storage.join(self.run.storage, "latents", name)
+        return storage.join(self.run.storage, "vae", self.run.name)
+
+    def latents_uri(self) -> str:
+        """Keyed by everything that changes the latents: data, encoders, seed, and for a trained VAE the
+        hash of its exported weights (so retraining it never reuses stale latents)."""
+        from pipeline import storage
+
+        key = self.fingerprint("data", "text_encoder", "vae")
+        if self.vae.source == "trained":
+            marker = storage.join(self.vae_export_uri(), storage.COMMIT_MARKER)
+            sha = storage.read_json(marker).get("sha256", "") if storage.exists(marker) else "missing"
+            key = hashlib.sha256(f"{key}-{sha}".encode()).hexdigest()[:12]
+        return storage.join(self.run.storage, "latents", f"{self.data.source}-{self.data.image_size}px-{key}")
 
     def checkpoints_uri(self) -> str:
         from pipeline import storage
@@ -244,13 +283,13 @@ class Config:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field, read from the class source."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """The docstring under each field, read from the class source (base classes first)."""
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
     return docs
 
 
@@ -355,6 +394,18 @@ def validate(cfg: Config) -> None:
     positive("train.lr", cfg.train.lr)
     positive("train.report_every", cfg.train.report_every)
     positive("train.checkpoint_every", cfg.train.checkpoint_every)
+    positive("vae_train.steps", cfg.vae_train.steps)
+    positive("vae_train.batch_size", cfg.vae_train.batch_size)
+    positive("vae_train.report_every", cfg.vae_train.report_every)
+    positive("vae_train.checkpoint_every", cfg.vae_train.checkpoint_every)
+    if cfg.vae_train.batch_size % cfg.vae_train.num_workers:
+        raise ConfigError(
+            f"vae_train.batch_size ({cfg.vae_train.batch_size}) must be divisible by vae_train.num_workers ({cfg.vae_train.num_workers})"
+        )
+    if cfg.vae.source == "pretrained" and not cfg.vae.pretrained:
+        raise ConfigError("vae.pretrained: required when vae.source is 'pretrained' (a path, s3:// URI or hub id)")
+    if cfg.vae.pretrained and cfg.vae.source != "pretrained":
+        raise ConfigError(f"vae.pretrained is set but vae.source is {cfg.vae.source!r}; set vae.source: pretrained")
     positive("generate.steps", cfg.generate.steps)
     positive("generate.num_images", cfg.generate.num_images)
     positive("encode.batch_size", cfg.encode.batch_size)
@@ -385,7 +436,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.denoiser.cross_attention_levels <= levels:
         raise ConfigError(f"denoiser.cross_attention_levels: must be in [0, {levels}], got {cfg.denoiser.cross_attention_levels}")
     latent = cfg.data.image_size // 2 ** (len(cfg.vae.block_out_channels) - 1)
-    if not cfg.vae.pretrained and latent % 2 ** (levels - 1):
+    if cfg.vae.source != "pretrained" and latent % 2 ** (levels - 1):
         raise ConfigError(
             f"denoiser.block_out_channels: {levels} levels need a latent size divisible by {2 ** (levels - 1)}, "
             f"but data.image_size={cfg.data.image_size} gives {latent}"
@@ -398,7 +449,7 @@ def describe() -> str:
     hints = typing.get_type_hints(Config)
     for sec in dataclasses.fields(Config):
         cls = hints[sec.name]
-        lines.append(f"\n**`{sec.name}`**\n")
+        lines.append(f"\n**`{sec.name}`**" + (f": {cls.__doc__.strip()}" if cls.__doc__ and "(" not in cls.__doc__[:len(cls.__name__) + 1] else "") + "\n")
         lines.append("| key | default | meaning |\n|---|---|---|")
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):

@@ -94,12 +94,12 @@ class EncodeLatents:
 
         from pipeline.config import from_dict
         from pipeline.models.text import build_text_encoder
-        from pipeline.models.vae import build_vae
+        from pipeline.models.vae import build_vae_for
 
         cfg = from_dict(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.text = build_text_encoder(cfg.text_encoder, cfg.run.seed, self.device)
-        self.vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, self.device)
+        self.vae, _ = build_vae_for(cfg, self.device)
 
     def __call__(self, batch: dict) -> dict:
         from pipeline.models.vae import encode_images
@@ -177,7 +177,7 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     import torch
 
     from pipeline.models.text import build_text_encoder
-    from pipeline.models.vae import build_vae, latent_shape
+    from pipeline.models.vae import build_vae_for, latent_shape
 
     out = cfg.latents_uri()
     if storage.is_committed(out) and not force:
@@ -189,7 +189,7 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     storage.rm(out)  # an uncommitted earlier attempt is never trusted: start clean
     t0 = time.time()
     text = build_text_encoder(cfg.text_encoder, cfg.run.seed)
-    vae, vae_identity = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size)
+    vae, vae_identity = build_vae_for(cfg)
     null_emb, null_mask = text.encode([""])
     buf = io.BytesIO()
     np.savez(buf, emb=null_emb[0].numpy().astype(np.float32), mask=null_mask[0].numpy().astype(np.int64))

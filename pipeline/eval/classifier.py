@@ -11,15 +11,18 @@ Pieces:
 * :class:`SmallCNN`: takes uint8 NHWC RGB (or grey NHW / NHW1) and converts to grey itself
   (ITU-R 601 luma, as PIL's ``convert("L")``): Fashion-MNIST is grey, a generator may add faint
   colour casts that carry no class information. Three conv+BN+ReLU+max-pool stages (32x32 -> 4x4),
-  dropout, one linear layer; about 10 M multiply-adds per image, so a CPU trains an epoch of the
-  60k train split in well under a minute with two threads.
+  dropout, a 128-unit hidden layer; about 2.5 M multiply-adds per image. Measured: the defaults
+  (5 epochs over the 60k train split) reach 91.7% on the 10k test split in 233 s on one thread
+  of a busy 2-core CPU (about 45 s an epoch).
 * :func:`train_classifier`, :func:`predict`, :func:`evaluate`.
 * :func:`load_or_train`: one storage object (``torch.save`` bytes) with weights, identity and the
   measured test accuracy; reused while the identity (caller's dict + training settings + recipe
   version) matches, retrained otherwise.
 * :func:`prompt_accuracy`: accuracy of generated images against the classes their prompts name.
 
-Pure library code: no Ray. Thread count is the caller's (``torch.set_num_threads``).
+Pure library code: no Ray. Thread count is the caller's (``torch.set_num_threads``); on an
+oversubscribed machine one thread can be several times faster than two (OpenMP threads wait on
+each other whenever one is descheduled: 7.5x slower with 2 than with 1 on a loaded 2-core box).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -184,6 +187,7 @@ class SmallCNN(nn.Module):
 
 # --------------------------------------------------------------------------------------------- training
 
+# 5 epochs: 91.7% test accuracy (train acc still rising; 4 epochs on 20k images gave 89.4%).
 DEFAULT_TRAIN: dict[str, Any] = {
     "epochs": 5,
     "batch_size": 128,
@@ -245,7 +249,9 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SmallCNN(image_size=size, width=width, dropout=dropout, hidden=hidden)
-        x_all = model.preprocess(images)  # N1HW float32: 60k x 32 x 32 x 4 B = 245 MB
+        # N1HW float32 (60k x 32 x 32 x 4 B = 245 MB), converted in chunks: an RGB float copy of
+        # the whole set at once would be three times that.
+        x_all = torch.cat([model.preprocess(images[i:i + 8192]) for i in range(0, n, 8192)])
         gen = torch.Generator().manual_seed(seed)
         steps_per_epoch = (n + batch_size - 1) // batch_size
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

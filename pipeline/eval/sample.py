@@ -58,13 +58,13 @@ class Generator:
     def __init__(self, cfg_dict: dict, manifest: dict, checkpoint_uri: str, images_uri: str):
         from pipeline.config import from_dict
         from pipeline.models.text import build_text_encoder
-        from pipeline.models.vae import build_vae
+        from pipeline.models.vae import build_vae_for
         from pipeline.train.step import _schedule
 
         self.cfg = cfg = from_dict(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.text = build_text_encoder(cfg.text_encoder, cfg.run.seed, self.device)
-        self.vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, self.device)
+        self.vae, _ = build_vae_for(cfg, self.device)
         self.model = load_ema_denoiser(cfg, manifest, checkpoint_uri, self.device)
         self.latent_shape = tuple(manifest["latent_shape"])
         self.schedule = _schedule(cfg)

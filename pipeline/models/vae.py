@@ -11,17 +11,33 @@ import logging
 import numpy as np
 import torch
 
+from pipeline import storage
+
 log = logging.getLogger(__name__)
 
 
-def build_vae(cfg, seed: int, image_size: int, device: str | torch.device = "cpu"):
-    """cfg: a VAESection. Returns (AutoencoderKL, identity dict)."""
+def build_vae(cfg, seed: int, image_size: int, device: str | torch.device = "cpu", *,
+              trainable: bool = False, force_random: bool = False, export_uri: str = ""):
+    """cfg: a VAESection. Returns (AutoencoderKL, identity dict).
+
+    `vae.source`: random (seeded init, untrained), pretrained (`vae.pretrained`: a folder, s3:// URI
+    or hub id), trained (the folder `jobs.train_vae` exported to `export_uri`). `force_random` builds
+    the architecture only (to load training checkpoints into); `trainable` leaves it in train mode."""
     from diffusers import AutoencoderKL
 
-    if cfg.pretrained:
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained)
-        identity = {"name": cfg.pretrained, "trained": True, "scaling_factor": float(vae.config.scaling_factor)}
-        log.info("vae: pretrained %s", cfg.pretrained)
+    source = "random" if force_random else cfg.source
+    if source in ("pretrained", "trained"):
+        where = cfg.pretrained if source == "pretrained" else export_uri
+        if source == "trained" and not (export_uri and storage.is_committed(export_uri)):
+            raise FileNotFoundError(
+                f"vae.source is 'trained' but no committed VAE export at {export_uri!r}: run `python -m jobs.train_vae` first"
+            )
+        vae = _from_pretrained(AutoencoderKL, where)
+        identity = {"name": where, "trained": True, "source": source,
+                    "scaling_factor": float(vae.config.scaling_factor)}
+        if source == "trained":
+            identity["sha256"] = storage.read_json(storage.join(export_uri, storage.COMMIT_MARKER)).get("sha256")
+        log.info("vae: %s %s (scaling factor %.4f)", source, where, vae.config.scaling_factor)
     else:
         n = len(cfg.block_out_channels)
         with torch.random.fork_rng(devices=[]):
@@ -41,14 +57,39 @@ def build_vae(cfg, seed: int, image_size: int, device: str | torch.device = "cpu
         identity = {
             "name": "untrained-vae",
             "trained": False,
+            "source": "random",
             "seed": seed,
             "scaling_factor": 1.0,
             "config": {"block_out_channels": list(cfg.block_out_channels), "latent_channels": cfg.latent_channels,
                        "layers_per_block": cfg.layers_per_block},
         }
-        log.warning("vae: UNTRAINED AutoencoderKL (random init, seed %d): no pretrained weights configured", seed)
-    vae.requires_grad_(False).eval().to(device)
+        if not trainable:
+            log.warning("vae: UNTRAINED AutoencoderKL (random init, seed %d): no trained weights configured", seed)
+    if trainable:
+        vae.train().to(device)
+    else:
+        vae.requires_grad_(False).eval().to(device)
     return vae, identity
+
+
+def build_vae_for(cfg, device: str | torch.device = "cpu"):
+    """The frozen VAE a pipeline Config asks for (cfg: Config)."""
+    return build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, device, export_uri=cfg.vae_export_uri())
+
+
+def _from_pretrained(cls, where: str):
+    """from_pretrained for local folders and hub ids; object-store folders are copied locally first."""
+    if storage.is_remote(where):
+        import tempfile
+
+        local = tempfile.mkdtemp(prefix="rld-vae-")
+        fs, path = storage.fs_and_path(where)
+        for name in fs.ls(path, detail=False):
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(".json") or base.endswith(".safetensors") or base.endswith(".bin"):
+                fs.get(name, f"{local}/{base}")
+        where = local
+    return cls.from_pretrained(where)
 
 
 def latent_shape(vae, image_size: int) -> tuple[int, int, int]:

@@ -25,9 +25,10 @@ ReportFn = Callable[[dict, "TrainState | None"], None]
 
 
 class MetricWindow:
-    """Averages between reports: loss overall and by timestep quartile (as improved-diffusion logs)."""
+    """Averages between reports: loss, grad norm, a step's extra scalars, and for the denoiser the loss
+    by timestep quartile (as improved-diffusion logs it)."""
 
-    def __init__(self, num_timesteps: int):
+    def __init__(self, num_timesteps: int | None):
         self.num_timesteps = num_timesteps
         self.reset()
 
@@ -37,14 +38,18 @@ class MetricWindow:
         self.q_n = torch.zeros(4, dtype=torch.float64)
         self.samples = 0
         self.grad_norms: list[float] = []
+        self.scalars: dict[str, list[float]] = {}
         self.t0 = time.perf_counter()
 
     def add(self, out: dict) -> None:
         self.losses.append(out["loss"])
-        q = (out["t"] * 4 // self.num_timesteps).clamp(max=3)
-        self.q_sum.index_add_(0, q, out["per_sample"].double())
-        self.q_n.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
-        self.samples += len(out["t"])
+        if "t" in out and self.num_timesteps:
+            q = (out["t"] * 4 // self.num_timesteps).clamp(max=3)
+            self.q_sum.index_add_(0, q, out["per_sample"].double())
+            self.q_n.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        for k, v in out.get("scalars", {}).items():
+            self.scalars.setdefault(k, []).append(v)
+        self.samples += out["n"]
         self.grad_norms.append(out["grad_norm"])
 
     def flush(self, state: TrainState, world_size: int) -> dict:
@@ -60,6 +65,8 @@ class MetricWindow:
         for i in range(4):
             if self.q_n[i] > 0:
                 m[f"loss_q{i}"] = float(self.q_sum[i] / self.q_n[i])
+        for k, v in self.scalars.items():
+            m[k] = sum(v) / len(v)
         self.reset()
         return m
 
@@ -70,27 +77,33 @@ def run_loop(
     batches_for_epoch: Callable[[int], Iterable[dict]],
     report: ReportFn,
     *,
+    step_fn=train_step,
+    loop=None,
     world_size: int = 1,
     autocast_dtype=None,
 ) -> None:
-    """Train until cfg.train.steps. Reports every `report_every` steps, checkpoints every
-    `checkpoint_every` and at the end. The data position (epoch, batches consumed) is part of the
-    state, so a resumed run skips exactly the batches it already trained on."""
-    window = MetricWindow(state.noise_scheduler.config.num_train_timesteps)
-    total = cfg.train.steps
+    """Train until loop.steps (`loop`: a LoopSection, default cfg.train). Reports every `report_every`
+    steps, checkpoints every `checkpoint_every` and at the end. The data position (epoch, batches
+    consumed) is part of the state, so a resumed run skips exactly the batches it already trained on."""
+    loop = loop or cfg.train
+    window = MetricWindow(state.noise_scheduler.config.num_train_timesteps if state.noise_scheduler else None)
+    total = loop.steps
     resumed_from = state.step
+    if state.step >= total:  # nothing left to do: say so, so the caller still sees where training stands
+        report({"step": state.step, "epoch": state.epoch, "resumed_from": resumed_from, "loss": float("nan")}, None)
+        return
     while state.step < total:
         seen = 0
         for i, batch in enumerate(batches_for_epoch(state.epoch)):
             seen += 1
             if i < state.batch_in_epoch:
                 continue  # consumed before the checkpoint we resumed from
-            out = train_step(state, batch, cfg, autocast_dtype=autocast_dtype)
+            out = step_fn(state, batch, cfg, autocast_dtype=autocast_dtype)
             state.batch_in_epoch = i + 1
             window.add(out)
             last = state.step >= total
-            checkpoint = last or state.step % cfg.train.checkpoint_every == 0
-            if checkpoint or state.step % cfg.train.report_every == 0:
+            checkpoint = last or state.step % loop.checkpoint_every == 0
+            if checkpoint or state.step % loop.report_every == 0:
                 metrics = window.flush(state, world_size) | {"resumed_from": resumed_from}
                 report(metrics, state if checkpoint else None)
             if last:
@@ -108,10 +121,13 @@ def checkpoint_info(cfg, state: TrainState) -> dict:
 
 
 def format_metrics(m: dict, total: int) -> str:
+    if "lr" not in m:
+        return f"step {m['step']}/{total}: nothing left to train"
     q = " ".join(f"q{i}={m[f'loss_q{i}']:.3f}" for i in range(4) if f"loss_q{i}" in m)
+    extra = " ".join(f"{k} {m[k]:.4g}" for k in ("rec", "kl", "psnr") if k in m)
     return (
-        f"step {m['step']}/{total} loss {m['loss']:.4f} ({q}) lr {m['lr']:.2e} "
-        f"grad_norm {m['grad_norm']:.3f} samples/s {m['samples_per_s']:.1f}"
+        f"step {m['step']}/{total} loss {m['loss']:.4f} " + (f"({q}) " if q else "") + (f"{extra} " if extra else "")
+        + f"lr {m['lr']:.2e} grad_norm {m['grad_norm']:.3f} samples/s {m['samples_per_s']:.1f}"
     )
 
 
@@ -126,9 +142,16 @@ def ray_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    state = build_train_state(
-        cfg, config["manifest"], config["null_emb"], config["null_mask"], rank=rank, wrap=ray.train.torch.prepare_model
-    )
+    if config["task"] == "vae":
+        from pipeline.train.vae_step import build_vae_train_state, vae_train_step
+
+        state = build_vae_train_state(cfg, rank=rank, wrap=ray.train.torch.prepare_model)
+        step_fn, loop = vae_train_step, cfg.vae_train
+    else:
+        state = build_train_state(
+            cfg, config["manifest"], config["null_emb"], config["null_mask"], rank=rank, wrap=ray.train.torch.prepare_model
+        )
+        step_fn, loop = train_step, cfg.train
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -138,19 +161,19 @@ def ray_worker(config: dict) -> None:
             log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
 
     shard = ray.train.get_dataset_shard("train")
-    per_worker = cfg.train.batch_size // world
+    per_worker = loop.batch_size // world
 
     def batches(epoch: int):
         return shard.iter_torch_batches(
             batch_size=per_worker,
             drop_last=True,
-            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.run.seed * 7919 + epoch * 31 + rank) if cfg.train.shuffle_buffer else None,
+            local_shuffle_buffer_size=loop.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.run.seed * 7919 + epoch * 31 + rank) if loop.shuffle_buffer else None,
         )
 
     def report(metrics: dict, ckpt_state: TrainState | None) -> None:
         if rank == 0:
-            print(format_metrics(metrics, cfg.train.steps), flush=True)
+            print(format_metrics(metrics, loop.steps), flush=True)
         if ckpt_state is None:
             ray.train.report(metrics)
             return
@@ -161,8 +184,8 @@ def ray_worker(config: dict) -> None:
             else:
                 ray.train.report(metrics)
 
-    autocast = torch.bfloat16 if device.type == "cuda" and cfg.train.mixed_precision == "bf16" else None
-    run_loop(cfg, state, batches, report, world_size=world, autocast_dtype=autocast)
+    autocast = torch.bfloat16 if device.type == "cuda" and loop.mixed_precision == "bf16" else None
+    run_loop(cfg, state, batches, report, step_fn=step_fn, loop=loop, world_size=world, autocast_dtype=autocast)
 
 
 def train_locally(cfg, manifest: dict, null_emb, null_mask, data: dict, out_dir: str, *, device="cpu") -> list[dict]:

@@ -16,27 +16,28 @@ from pipeline.models.denoiser import build_denoiser
 
 @dataclass
 class TrainState:
+    """Everything a training loop carries between steps, for the denoiser and the autoencoder alike."""
+
     model: torch.nn.Module
-    """The denoiser (possibly DDP-wrapped)."""
-    ema: object
-    """diffusers EMAModel over the denoiser's parameters."""
+    """The trained module (possibly DDP-wrapped)."""
+    ema: object | None
+    """diffusers EMAModel over the model's parameters (None: no EMA)."""
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    noise_scheduler: object
-    """DDPMScheduler whose add_noise gives q(x_t | x_0)."""
     generator: torch.Generator
     """CPU generator for timesteps, noise and caption dropout, re-seeded from (seed, rank, step) at
     every step: a resumed run draws exactly what the uninterrupted one would, for any world size."""
     seed: int
     rank: int
-    null_emb: torch.Tensor
-    """T5 embedding of the empty caption [L, D]: the unconditional input for guidance."""
-    null_mask: torch.Tensor
+    noise_scheduler: object = None
+    """Denoiser: the DDPMScheduler whose add_noise gives q(x_t | x_0)."""
+    null_emb: torch.Tensor | None = None
+    """Denoiser: T5 embedding of the empty caption [L, D], the unconditional input for guidance."""
+    null_mask: torch.Tensor | None = None
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     """Batches of the current epoch already consumed (the data position)."""
-    extra: dict = field(default_factory=dict)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,7 +128,8 @@ def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> d
     state.lr_scheduler.step()
     state.ema.step(unwrap(state.model).parameters())
     state.step += 1
-    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(), "t": t, "grad_norm": float(grad_norm)}
+    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(), "t": t, "grad_norm": float(grad_norm),
+            "n": b}
 
 
 def state_dict(state: TrainState) -> dict:
@@ -135,7 +137,7 @@ def state_dict(state: TrainState) -> dict:
 
     return {
         "model": unwrap(state.model).state_dict(),
-        "ema": state.ema.state_dict(),
+        "ema": state.ema.state_dict() if state.ema is not None else None,
         "optimizer": state.optimizer.state_dict(),
         "lr_scheduler": state.lr_scheduler.state_dict(),
         "rng": rng_state(),
@@ -149,7 +151,8 @@ def load_state_dict(state: TrainState, sd: dict) -> None:
     from pipeline.train.checkpoint import set_rng_state
 
     unwrap(state.model).load_state_dict(sd["model"])
-    state.ema.load_state_dict(sd["ema"])
+    if state.ema is not None:
+        state.ema.load_state_dict(sd["ema"])
     state.optimizer.load_state_dict(sd["optimizer"])
     state.lr_scheduler.load_state_dict(sd["lr_scheduler"])
     set_rng_state(sd["rng"])

@@ -17,9 +17,13 @@ from pipeline.data.encode import load_manifest, load_null_text
 log = logging.getLogger(__name__)
 
 
-def latest_checkpoint_uri(cfg) -> str | None:
+def run_name(cfg, task: str = "denoiser") -> str:
+    return f"{cfg.run.name}-vae" if task == "vae" else cfg.run.name
+
+
+def latest_checkpoint_uri(cfg, task: str = "denoiser") -> str | None:
     """The newest complete checkpoint folder of this run in storage, or None."""
-    run_uri = storage.join(cfg.checkpoints_uri(), cfg.run.name)
+    run_uri = storage.join(cfg.checkpoints_uri(), run_name(cfg, task))
     folders = [u for u in storage.ls(run_uri) if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")]
     best: tuple[int, str] | None = None
     for folder in folders:
@@ -33,53 +37,68 @@ def latest_checkpoint_uri(cfg) -> str | None:
     return best[1] if best else None
 
 
-def fit(cfg) -> dict:
+def image_dataset(cfg, split: str = "train"):
+    """Decoded training images (column `image`, uint8 S x S x 3) for the autoencoder, decoded once."""
+    from pipeline.data.encode import decode_batch, read_raw
+
+    raw, _ = read_raw(cfg, split)
+    decoded = raw.map_batches(decode_batch, fn_kwargs={"image_size": cfg.data.image_size}, batch_size=256,
+                              batch_format="numpy")
+    return decoded.filter(lambda r: r["reason"] == "").select_columns(["image"]).materialize()
+
+
+def fit(cfg, task: str = "denoiser") -> dict:
+    """Train the denoiser (task="denoiser", on the latent dataset) or the autoencoder (task="vae", on
+    decoded images) with the same loop, checkpoints and resume."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    latents = cfg.latents_uri()
-    manifest = load_manifest(latents)
-    null_emb, null_mask = load_null_text(latents)
-    if manifest["untrained"]:
-        print("train: NOTE training on latents of UNTRAINED encoders (see the encode manifest)")
-    wants = cfg.train.use_gpu
+    loop_config: dict = {"cfg": cfg.to_dict(), "task": task}
+    if task == "vae":
+        loop = cfg.vae_train
+        dataset = image_dataset(cfg)
+    else:
+        loop = cfg.train
+        latents = cfg.latents_uri()
+        manifest = load_manifest(latents)
+        null_emb, null_mask = load_null_text(latents)
+        if manifest["untrained"]:
+            print("train: NOTE training on latents of UNTRAINED encoders (see the encode manifest)")
+        dataset = ray.data.read_parquet(storage.ray_path(storage.join(latents, "train"))).select_columns(
+            ["latent", "text_emb", "text_mask"]
+        )
+        loop_config |= {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist()}
+    wants = loop.use_gpu
     use_gpu = wants == "yes" or (wants == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    train_ds = ray.data.read_parquet(storage.ray_path(storage.join(latents, "train"))).select_columns(
-        ["latent", "text_emb", "text_mask"]
-    )
     storage.ensure_bucket(cfg.checkpoints_uri())
     storage.makedirs(cfg.checkpoints_uri())
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "manifest": manifest,
-            "null_emb": null_emb.tolist(),
-            "null_mask": null_mask.tolist(),
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=loop.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name,
+            name=run_name(cfg, task),
             storage_path=storage.ray_path(cfg.checkpoints_uri()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=loop.num_to_keep),
         ),
-        datasets={"train": train_ds},
+        datasets={"train": dataset},
     )
     t0 = time.time()
     result = trainer.fit()
     metrics = result.metrics or {}
-    checkpoint = result.checkpoint.path if result.checkpoint else None
     summary = {
+        "task": task,
         "steps": int(metrics.get("step", 0)),
         "final_loss": metrics.get("loss"),
         "resumed_from": int(metrics.get("resumed_from", 0)),
-        "checkpoint": checkpoint,
+        "checkpoint": latest_checkpoint_uri(cfg, task),
         "seconds": round(time.time() - t0, 2),
-        "num_workers": cfg.train.num_workers,
+        "num_workers": loop.num_workers,
         "use_gpu": use_gpu,
     }
-    print(f"train: {summary}")
+    summary |= {k: metrics[k] for k in ("rec", "kl", "psnr") if k in metrics}
+    print(f"train ({task}): {summary}")
     return summary
 
 

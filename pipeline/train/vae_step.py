@@ -34,7 +34,7 @@ def build_vae_train_state(cfg, *, rank: int = 0, wrap=None) -> TrainState:
 
     from pipeline.models.vae import build_vae
 
-    vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, trainable=True)
+    vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, trainable=True, force_random=True)
     model = VAEWithLoss(vae)
     model = wrap(model) if wrap is not None else model
     t = cfg.vae_train
