@@ -68,10 +68,11 @@ def test_every_field_is_documented():
     assert rows and all(not line.rstrip().endswith("|  |") for line in rows)
 
 
-def test_latents_location_depends_on_encoders_not_on_training():
-    base = config.load(os.path.join(ROOT, "configs", "tiny.yaml"))
-    more_steps = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), ["train.steps=99"])
-    other_vae = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), ["vae.latent_channels=8"])
+def test_latents_location_depends_on_encoders_not_on_training(tmp_path):
+    common = ["vae.source=random", f"run.storage={tmp_path}"]
+    base = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), common)
+    more_steps = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), common + ["train.steps=99"])
+    other_vae = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), common + ["vae.latent_channels=8"])
     assert base.latents_uri() == more_steps.latents_uri()
     assert base.latents_uri() != other_vae.latents_uri()
 
@@ -83,3 +84,21 @@ def test_bad_cli_config_exits_with_message(capsys):
         cli.parse("x", ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "train.batch_size=-1"])
     assert e.value.code == 2
     assert "train.batch_size" in capsys.readouterr().err
+
+
+def test_readme_config_reference_is_current():
+    """The README's reference is generated from the dataclasses; regenerate it when a field changes:
+    python -c "from pipeline import config; print(config.describe())" """
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert config.describe().strip() in readme
+
+
+def test_readme_starts_with_the_two_commands():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = f.read().split("```")
+    commands = [line for line in blocks[1].splitlines()[1:] if line.strip()]
+    assert len(commands) == 2
+    assert "jobs.demo --config configs/demo.yaml" in commands[0] and "pytest" in commands[1]
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert "pytest" in f.read()

@@ -11,7 +11,7 @@ from pipeline.models.text import build_text_encoder
 from pipeline.models.vae import build_vae, decode_latents, encode_images, latent_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = config.load(os.path.join(ROOT, "configs", "tiny.yaml"))
+CFG = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), ["vae.source=random"])
 
 
 def test_untrained_text_encoder_is_seeded_frozen_and_labelled():

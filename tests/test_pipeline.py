@@ -39,7 +39,7 @@ def chain(s3, ray_cluster):
     from pipeline.train.trainer import fit
 
     prefix = f"{s3.uri}/pipeline-{uuid.uuid4().hex[:8]}"
-    overrides = [f"run.storage={prefix}", "data.n_train=64", "data.n_test=16", "data.shard_size=32",
+    overrides = [f"run.storage={prefix}", "vae.source=random", "data.n_train=64", "data.n_test=16", "data.shard_size=32",
                  "train.steps=6", "train.checkpoint_every=3", "train.report_every=3", "train.batch_size=8"]
     cfg = config.load(TINY, overrides)
     counts = ingest(cfg)
@@ -131,6 +131,23 @@ def test_ray_job_submit_runs_a_stage(chain, ray_cluster):
     assert meta.num_rows == 4
 
 
+def test_train_vae_through_ray_then_encode_with_it(chain):
+    """The autoencoder stage on the same loop/checkpoint machinery; encode then uses its export."""
+    from pipeline.data.encode import encode
+    from pipeline.train.vae_job import train_vae
+
+    cfg = config.load(TINY, chain["overrides"] + [
+        "vae.source=trained", "vae_train.steps=4", "vae_train.batch_size=8", "vae_train.report_every=2",
+        "vae_train.checkpoint_every=2", "vae_train.scale_images=32", "vae_train.eval_images=16"])
+    info = train_vae(cfg)
+    assert info["steps"] == 4 and np.isfinite(info["test_psnr"]) and info["scaling_factor"] > 0
+    assert info["test_images"] == 16
+    m = encode(cfg)
+    assert m["vae"]["trained"] is True and m["vae"]["sha256"] == info["sha256"]
+    assert cfg.latents_uri() != chain["cfg"].latents_uri()
+    assert m["splits"]["train"]["n_encoded"] == chain["manifest"]["splits"]["train"]["n_encoded"]
+
+
 def test_demo_end_to_end(tmp_path):
     """The README's first command on the tiny config: services up, five stages, summary, services down."""
     run_dir = tmp_path / "demo"
@@ -141,7 +158,8 @@ def test_demo_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["stages"]) == {"ingest", "encode", "train", "generate+fid"}
+    assert set(summary["stages"]) == {"ingest", "train_vae", "encode", "train", "generate+fid"}
+    assert np.isfinite(summary["vae"]["test_psnr"]) and summary["vae"]["steps"] == 10
     c = summary["counts"]
     assert c["ingested"] == 160 and c["ingested"] == c["encoded"] + c["rejected"]
     assert c["generated"] == 16
