@@ -85,6 +85,7 @@ def run(cfg, run_dir: str) -> dict:
         "train": {"steps": train["steps"], "final_loss": train["final_loss"], "checkpoint": train["checkpoint"]},
         "fid": {"value": fid.get("fid"), "n_gen": fid.get("n_gen"), "n_ref": fid.get("n_ref")},
         "generate": {k: gen[k] for k in ("sampler", "steps", "guidance_scale", "images_per_s", "uri")},
+        "eval": gen.get("eval", {}),
         "vae": ({k: vae[k] for k in ("test_psnr", "test_kl_per_dim", "scaling_factor", "steps")} if vae
                 else {"source": cfg.vae.source, "trained": manifest["vae"]["trained"]}),
         "untrained_encoders": manifest["untrained"],

@@ -1,4 +1,5 @@
-"""Stage 4: generate images from prompts with Ray Data, then FID against the test split.
+"""Stage 4+5: generate images from prompts with Ray Data, then evaluate: FID against the test split,
+and as configured the variational bound, prompt accuracy, guidance/sampler sweeps and report.md.
 
     python -m jobs.generate --config configs/tiny.yaml [generate.sampler=dpm generate.steps=20 ...]
 """
@@ -10,6 +11,32 @@ from pipeline.eval.sample import generate
 from pipeline.train.trainer import latest_checkpoint_uri
 
 
+def evaluate(cfg, manifest: dict, checkpoint: str, out: dict) -> dict:
+    """Everything beyond the main FID; written to <outputs>/generate/eval.json."""
+    from pipeline.eval import extras
+    from pipeline.eval.evaluate import reference_stats
+    from pipeline.eval.fid import fid_from_images
+
+    ev: dict = {}
+    if cfg.eval.vlb_latents:
+        ev["vlb"] = extras.variational_bound(cfg, manifest, checkpoint)
+        print(f"eval: variational bound {ev['vlb']['bits_per_dim']} bits/dim")
+    classifier, info = extras.prompt_classifier(cfg)
+    if classifier is not None:
+        ev["classifier"] = {"test_accuracy": (info.get("test") or {}).get("accuracy"), "cached": info["cached"],
+                            "uri": info["uri"]}
+        ev["prompt_accuracy"] = extras.prompt_accuracy(classifier, out["images"], out["prompts"])
+        print(f"eval: prompt accuracy {ev['prompt_accuracy']['accuracy']:.3f} "
+              f"(classifier test accuracy {ev['classifier']['test_accuracy']})")
+    if cfg.eval.sweep_images:
+        ref, _, _ = reference_stats(cfg)
+        ev["sweeps"] = extras.sweeps(cfg, manifest, checkpoint, cfg.latents_uri(),
+                                     lambda imgs: fid_from_images(imgs, ref, batch_size=cfg.fid.batch_size)[0],
+                                     classifier)
+    storage.write_json(storage.join(cfg.outputs_uri(), "generate", "eval.json"), ev)
+    return ev
+
+
 def run(cfg) -> dict:
     manifest = load_manifest(cfg.latents_uri())
     checkpoint = latest_checkpoint_uri(cfg)
@@ -18,6 +45,7 @@ def run(cfg) -> dict:
     out = generate(cfg, manifest, checkpoint, cfg.latents_uri())
     if cfg.fid.enabled:
         out["fid"] = compute_fid(cfg, out["images"], storage.join(cfg.outputs_uri(), "generate"))
+    out["eval"] = evaluate(cfg, manifest, checkpoint, out)
     return out
 
 

@@ -224,6 +224,26 @@ class FIDSection:
 
 
 @dataclass
+class EvalSection:
+    """Evaluation beyond FID, written by the generate job into the run's outputs and report."""
+
+    vlb_latents: int = 0
+    """Held-out test latents for the variational bound in bits per latent dimension (0: off)."""
+    vlb_timesteps: int = 50
+    """Timesteps per latent for the bound's denoising sum: an unbiased Monte-Carlo estimate (0: all T)."""
+    classifier: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
+    """Prompt accuracy with a classifier trained on the train split: auto = for fashion_mnist."""
+    sweep_images: int = 0
+    """Images per setting of the guidance and sampler sweeps (0: no sweeps)."""
+    sweep_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    """Guidance scales of the guidance sweep (with the configured sampler and steps)."""
+    sweep_samplers: list[str] = field(default_factory=lambda: ["ddpm:1000", "ddim:50", "dpm:20"])
+    """sampler:steps pairs of the sampler sweep (with the configured guidance)."""
+    report: bool = True
+    """Write report.md with sample grids, reconstructions, loss curves and tables."""
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -236,6 +256,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
     fid: FIDSection = field(default_factory=FIDSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -417,6 +438,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.cond_dropout: must be in [0, 1), got {cfg.train.cond_dropout}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    for item in cfg.eval.sweep_samplers:
+        name, _, steps = item.partition(":")
+        if name not in ("ddpm", "ddim", "dpm") or not steps.isdigit():
+            raise ConfigError(f"eval.sweep_samplers: {item!r} must look like sampler:steps with sampler one of: ddpm, ddim, dpm")
     if cfg.generate.steps > cfg.schedule.num_train_timesteps:
         raise ConfigError(
             f"generate.steps ({cfg.generate.steps}) must be <= schedule.num_train_timesteps ({cfg.schedule.num_train_timesteps})"

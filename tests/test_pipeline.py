@@ -131,6 +131,28 @@ def test_ray_job_submit_runs_a_stage(chain, ray_cluster):
     assert meta.num_rows == 4
 
 
+def test_generate_job_evaluates_bound_and_sweeps(chain):
+    """The generate job's evaluation on tiny settings: FID, the variational bound, a guidance and a
+    sampler sweep, eval.json and the report."""
+    from jobs import generate as generate_job
+
+    cfg = config.load(TINY, chain["overrides"] + [
+        "generate.num_images=8", "generate.steps=4", "eval.vlb_latents=8", "eval.vlb_timesteps=5",
+        "eval.sweep_images=4", "eval.sweep_guidance=[1, 3]", "eval.sweep_samplers=[ddim:3]", "fid.batch_size=20"])
+    out = generate_job.run(cfg)
+    ev = out["eval"]
+    bits = ev["vlb"]["bits_per_dim"]
+    assert set(bits) >= {"prior", "reconstruction", "denoising", "total"}
+    assert bits["total"] == pytest.approx(bits["prior"] + bits["reconstruction"] + bits["denoising"])
+    assert 0 <= bits["prior"] < 1e-3 and bits["denoising"] > 0
+    assert [(r["sampler"], r["guidance"]) for r in ev["sweeps"]] == [("ddim", 1.0), ("ddim", 3.0), ("ddim", 2.0)]
+    assert [r["nfe_per_image"] for r in ev["sweeps"]] == [4, 8, 6]
+    assert all(np.isfinite(r["fid"]) and r["n"] == 4 for r in ev["sweeps"])
+    assert "prompt_accuracy" not in ev  # no classifier for emoji (eval.classifier=auto)
+    stored = storage.read_json(storage.join(cfg.outputs_uri(), "generate", "eval.json"))
+    assert stored["vlb"]["n_latents"] == 8
+
+
 def test_train_vae_through_ray_then_encode_with_it(chain):
     """The autoencoder stage on the same loop/checkpoint machinery; encode then uses its export."""
     from pipeline.data.encode import encode

@@ -43,15 +43,23 @@ def split_images(cfg, split: str = "test", limit: int = 0) -> tuple[np.ndarray, 
     return np.stack(images), identity
 
 
+def reference_stats(cfg):
+    """Inception statistics of the test split, cached in storage under a hash of the set's identity."""
+    from pipeline.eval import fid
+
+    real, identity = split_images(cfg, "test", cfg.fid.n_ref)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    cache_uri = storage.join(cfg.run.storage, "fid_stats", f"{key}.npz")
+    ref = fid.cached_reference_stats(cache_uri, identity, lambda: real, batch_size=cfg.fid.batch_size)
+    return ref, cache_uri, identity
+
+
 def compute_fid(cfg, generated: np.ndarray, out_uri: str) -> dict:
     """FID of `generated` (uint8 NHWC) against the test split; writes `<out_uri>/fid.json`."""
     from pipeline.eval import fid
 
     t0 = time.time()
-    real, identity = split_images(cfg, "test", cfg.fid.n_ref)
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    cache_uri = storage.join(cfg.run.storage, "fid_stats", f"{key}.npz")
-    ref = fid.cached_reference_stats(cache_uri, identity, lambda: real, batch_size=cfg.fid.batch_size)
+    ref, cache_uri, identity = reference_stats(cfg)
     value, _ = fid.fid_from_images(generated, ref, batch_size=cfg.fid.batch_size)
     result = {
         "fid": value,

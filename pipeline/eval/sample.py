@@ -134,9 +134,9 @@ def load_prompts(cfg, latents_uri: str) -> list[str]:
     return prompts
 
 
-def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str) -> dict:
-    """Generate cfg.generate.num_images images into `<outputs>/generate/`. Returns metadata, the images
-    (uint8 NHWC, in index order) and timing."""
+def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_name: str = "generate") -> dict:
+    """Generate cfg.generate.num_images images into `<outputs>/<out_name>/`. Returns metadata, the
+    images (uint8 NHWC, in index order), their prompts and timing."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -144,7 +144,7 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str) -> dict
     from pipeline.eval.report import image_grid, png_bytes
 
     g = cfg.generate
-    out = storage.join(cfg.outputs_uri(), "generate")
+    out = storage.join(cfg.outputs_uri(), out_name)
     images_uri = storage.join(out, "images")
     prompts = load_prompts(cfg, latents_uri)
     rows = [{"index": i, "prompt": prompts[i % len(prompts)], "seed": image_seed(g.seed, i)} for i in range(g.num_images)]
@@ -181,4 +181,4 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str) -> dict
     }
     storage.write_json(storage.join(out, "generate.json"), info)
     print(f"generate: {info['n']} images at {info['images_per_s']} images/s -> {out}")
-    return {**info, "images": images, "grid_png": png_bytes(grid)}
+    return {**info, "images": images, "prompts": [str(r["prompt"]) for r in results], "grid_png": png_bytes(grid)}

@@ -160,6 +160,15 @@ def ray_worker(config: dict) -> None:
         if rank == 0:
             log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
 
+    # Metric history for the report's curves: rank 0 rewrites one small JSON per report; on resume the
+    # entries past the restored step (written after the checkpoint we resumed from) are dropped.
+    from pipeline import storage
+
+    history_uri = config.get("history_uri")
+    history: list[dict] = []
+    if rank == 0 and history_uri and storage.exists(history_uri):
+        history = [m for m in storage.read_json(history_uri) if m.get("step", 0) <= state.step]
+
     shard = ray.train.get_dataset_shard("train")
     per_worker = loop.batch_size // world
 
@@ -174,6 +183,9 @@ def ray_worker(config: dict) -> None:
     def report(metrics: dict, ckpt_state: TrainState | None) -> None:
         if rank == 0:
             print(format_metrics(metrics, loop.steps), flush=True)
+            if history_uri and "lr" in metrics:
+                history.append(metrics)
+                storage.write_json(history_uri, history)
         if ckpt_state is None:
             ray.train.report(metrics)
             return

@@ -54,7 +54,8 @@ def fit(cfg, task: str = "denoiser") -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    loop_config: dict = {"cfg": cfg.to_dict(), "task": task}
+    loop_config: dict = {"cfg": cfg.to_dict(), "task": task,
+                         "history_uri": storage.join(cfg.outputs_uri(), f"{task}_metrics.json")}
     if task == "vae":
         loop = cfg.vae_train
         dataset = image_dataset(cfg)

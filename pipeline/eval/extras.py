@@ -1,0 +1,111 @@
+"""Evaluation beyond one FID: the variational bound, prompt accuracy, and guidance/sampler sweeps.
+
+Each function is called by the generate job when its `eval.*` setting turns it on, and returns a
+plain dict that goes into `eval.json` and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from pipeline import diffusion, storage
+
+log = logging.getLogger(__name__)
+
+
+def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
+    """Ho et al.'s bound in bits per latent dimension on held-out (test) latents with the EMA
+    denoiser, split into reconstruction, prior-matching and summed denoising-matching terms."""
+    import pyarrow.parquet as pq
+
+    from pipeline.eval.sample import load_ema_denoiser
+    from pipeline.train.step import _schedule
+
+    n = cfg.eval.vlb_latents
+    fs, path = storage.pyarrow_fs(storage.join(cfg.latents_uri(), "test"))
+    table = pq.read_table(path, filesystem=fs, columns=["latent", "text_emb", "text_mask"]).slice(0, n)
+    shape = manifest["latent_shape"]
+    x0 = torch.tensor(np.stack([np.asarray(v, np.float32).reshape(shape) for v in table.column("latent").to_pylist()]))
+    emb = torch.tensor(np.stack([np.asarray(v, np.float32) for v in table.column("text_emb").to_pylist()]))
+    mask = torch.tensor(np.stack([np.asarray(v, np.int64) for v in table.column("text_mask").to_pylist()]))
+    model = load_ema_denoiser(cfg, manifest, checkpoint_uri)
+
+    def eps_fn(x, t):
+        with torch.no_grad():
+            return model(x.float(), t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample.to(x.dtype)
+
+    t0 = time.time()
+    terms = diffusion.vlb_terms(eps_fn, x0, schedule=_schedule(cfg),
+                                timesteps=cfg.eval.vlb_timesteps or "all",
+                                generator=torch.Generator().manual_seed(cfg.run.seed), batch_t=1)
+    bits = diffusion.bits_per_dim(terms, tuple(x0.shape))
+    return {"bits_per_dim": bits, "n_latents": int(len(x0)), "timesteps": cfg.eval.vlb_timesteps or "all",
+            "seconds": round(time.time() - t0, 2),
+            "note": "continuous latents: the reconstruction term is a density and can be negative"}
+
+
+def prompt_classifier(cfg):
+    """The Fashion-MNIST classifier (trained once on the train split, cached in storage), or None
+    when this dataset has none."""
+    wanted = cfg.eval.classifier
+    if wanted == "no" or (wanted == "auto" and cfg.data.source != "fashion_mnist"):
+        return None, None
+    from pipeline.eval import classifier as clf
+
+    root = cfg.data.source_dir or None
+    size = cfg.data.image_size
+    identity = {"dataset": "fashion_mnist", "split": "train", "size": size, "root": root or "default"}
+    uri = storage.join(cfg.run.storage, "classifiers", f"fashion_mnist-{size}px.pt")
+    model, info = clf.load_or_train(
+        uri, identity,
+        data_fn=lambda: clf.fashion_arrays("train", size=size, root=root)[:2],
+        test_fn=lambda: clf.fashion_arrays("test", size=size, root=root)[:2],
+    )
+    return model, info
+
+
+def prompt_accuracy(model, images: np.ndarray, prompts: list[str]) -> dict:
+    from pipeline.eval import classifier as clf
+
+    out = clf.prompt_accuracy(model, images, prompts)
+    out.pop("confusion", None)
+    return out
+
+
+def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_fn, classifier) -> list[dict]:
+    """Guidance sweep (configured sampler) and sampler sweep (configured guidance), each setting on
+    eval.sweep_images images scored with the same cached reference statistics (FID at this count is
+    biased upward: comparable within the table only)."""
+    from pipeline.eval.sample import generate
+
+    settings = [("guidance", cfg.generate.sampler, cfg.generate.steps, g) for g in cfg.eval.sweep_guidance]
+    for item in cfg.eval.sweep_samplers:
+        name, _, steps = item.partition(":")
+        settings.append(("sampler", name, int(steps), cfg.generate.guidance_scale))
+    rows = []
+    for kind, sampler, steps, scale in settings:
+        sub = dataclasses.replace(cfg, generate=dataclasses.replace(
+            cfg.generate, sampler=sampler, steps=steps, guidance_scale=float(scale), num_images=cfg.eval.sweep_images))
+        t0 = time.time()
+        gen = generate(sub, manifest, checkpoint_uri, latents_uri,
+                       out_name=f"sweep-{sampler}{steps}-g{scale:g}")
+        row = {"sweep": kind, "sampler": sampler, "steps": steps, "guidance": scale,
+               "nfe_per_image": diffusion.nfe_per_image(sampler, steps, scale),
+               "images_per_s": gen["images_per_s"], "n": gen["n"], "fid": ref_fid_fn(gen["images"])}
+        if classifier is not None:
+            row["prompt_accuracy"] = prompt_accuracy(classifier, gen["images"], gen["prompts"])["accuracy"]
+        row["seconds"] = round(time.time() - t0, 1)
+        log.info("sweep %s", row)
+        print(f"sweep: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def finite_or_none(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
