@@ -66,7 +66,11 @@ def run(cfg, run_dir: str) -> dict:
             vae = timed("train_vae", lambda: train_vae(cfg)) if cfg.vae.source == "trained" else None
             manifest = timed("encode", lambda: encode(cfg))
             train = timed("train", lambda: fit(cfg))
-            gen = timed("generate+fid", lambda: generate_job.run(cfg))
+            gen = timed("generate+fid", lambda: generate_job.run(cfg, report=False))
+            if cfg.eval.report:
+                from pipeline.eval.run_report import build_report
+
+                build_report(cfg, gen, stages, out_uris=(os.path.join(run_dir, "report"),))
         finally:
             ray.shutdown()
     with open(os.path.join(run_dir, "grid.png"), "wb") as f:
@@ -92,6 +96,7 @@ def run(cfg, run_dir: str) -> dict:
         "encoders": {"text_encoder": manifest["text_encoder"], "vae": manifest["vae"]},
         "storage": cfg.run.storage,
         "grid": os.path.join(run_dir, "grid.png"),
+        "report": os.path.join(run_dir, "report", "report.md") if cfg.eval.report else None,
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -110,7 +115,8 @@ def main(argv=None) -> dict:
         print(f"NOTE: UNTRAINED {' and '.join(untrained)} (random init, no weights configured)"
               + (": expect a poor FID and unrecognisable images." if "vae" in untrained else
                  ": captions are encoded by a random T5, so prompts steer the samples only weakly."))
-    print(f"summary: {run_dir}/summary.json  grid: {summary['grid']}  outputs: {summary['generate']['uri']}")
+    print(f"summary: {run_dir}/summary.json  grid: {summary['grid']}  report: {summary['report']}  "
+          f"outputs: {summary['generate']['uri']}")
     return summary
 
 

@@ -37,7 +37,7 @@ def evaluate(cfg, manifest: dict, checkpoint: str, out: dict) -> dict:
     return ev
 
 
-def run(cfg) -> dict:
+def run(cfg, report: bool = True) -> dict:
     manifest = load_manifest(cfg.latents_uri())
     checkpoint = latest_checkpoint_uri(cfg)
     if checkpoint is None:
@@ -46,6 +46,12 @@ def run(cfg) -> dict:
     if cfg.fid.enabled:
         out["fid"] = compute_fid(cfg, out["images"], storage.join(cfg.outputs_uri(), "generate"))
     out["eval"] = evaluate(cfg, manifest, checkpoint, out)
+    out["encoders"] = {"text_encoder": manifest["text_encoder"], "vae": manifest["vae"]}
+    if report and cfg.eval.report:
+        from pipeline.eval.run_report import build_report
+
+        out["report"] = build_report(cfg, out)
+        print(f"report: {out['report'][0]}")
     return out
 
 

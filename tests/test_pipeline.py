@@ -188,6 +188,10 @@ def test_demo_end_to_end(tmp_path):
     assert summary["train"]["steps"] == 20 and np.isfinite(summary["train"]["final_loss"])
     assert summary["fid"]["n_gen"] == 16 and summary["fid"]["n_ref"] == 32
     assert np.isfinite(summary["fid"]["value"]) and summary["fid"]["value"] > 0
+    report = (run_dir / "report" / "report.md").read_text()
+    for png in ("samples.png", "vae_reconstructions.png", "denoiser_loss.png", "vae_loss.png"):
+        assert f"({png})" in report and Image.open(run_dir / "report" / png).size[0] > 0
+    assert "Seconds per stage" in report and "train_vae" in report
     grid = Image.open(run_dir / "grid.png")
     assert grid.size[0] > 4 * 16
     # Nothing left running: no process mentions the run folder any more.

@@ -86,20 +86,26 @@ def _linear_ticks(lo: float, hi: float, target: int = 6) -> tuple[float, float, 
 
 
 def _log_ticks(lo: float, hi: float) -> tuple[float, float, list[float]]:
-    """Axis range in log10 units and the ticks (as values) on it: decades, or 1-2-5 within a decade."""
+    """Axis range in log10 units (the data's, padded a little) and the tick values on it:
+    1-2-5 multiples for up to ~2.5 decades, decades (thinned to at most 8) beyond."""
     llo, lhi = math.log10(lo), math.log10(hi)
     if lhi - llo < 1e-12:
         llo, lhi = llo - 0.5, lhi + 0.5
+    pad = 0.04 * (lhi - llo)
+    llo, lhi = llo - pad, lhi + pad
     d0, d1 = math.floor(llo), math.ceil(lhi)
-    if d1 - d0 <= 1:  # less than one decade: 1, 2, 5 multiples
-        cands = [m * 10.0 ** d for d in range(d0, d1 + 1) for m in (1, 2, 5)]
+    mults = (1, 2, 5) if lhi - llo <= 2.5 else (1,)
+    cands = [m * 10.0 ** d for d in range(d0, d1 + 1) for m in mults]
+    ticks = [t for t in cands if llo - 1e-9 <= math.log10(t) <= lhi + 1e-9]
+    if len(ticks) > 8:
+        every = math.ceil(len(ticks) / 8)
+        ticks = ticks[::every]
+    if len(ticks) < 2:  # a narrow range between two 1-2-5 values: widen to the neighbours
+        lo_t = max([t for t in cands if math.log10(t) <= llo] or [10.0 ** d0])
+        hi_t = min([t for t in cands if math.log10(t) >= lhi] or [10.0 ** d1])
+        llo, lhi = min(llo, math.log10(lo_t)), max(lhi, math.log10(hi_t))
         ticks = [t for t in cands if llo - 1e-9 <= math.log10(t) <= lhi + 1e-9]
-        if len(ticks) < 2:
-            ticks = [10.0 ** d0, 10.0 ** d1]
-            llo, lhi = d0, d1
-        return llo, lhi, ticks
-    every = max(1, math.ceil((d1 - d0) / 8))
-    return float(d0), float(d1), [10.0 ** d for d in range(d0, d1 + 1, every)]
+    return llo, lhi, ticks
 
 
 def _fmt_tick(v: float, step: float | None = None) -> str:
@@ -330,9 +336,26 @@ def side_by_side(inputs: np.ndarray, recons: np.ndarray, n: int = 16, scale: int
     return grid
 
 
-def captioned_grid(images: np.ndarray, captions: list[str], ncols: int = 8, scale: int = 2) -> np.ndarray:
-    """Images (scaled by `scale`) in a grid, each with a one-line caption under it, shortened with
-    an ellipsis to the tile width. Missing captions are blank. Returns uint8 HxWx3."""
+def _wrap(draw, text: str, font, max_w: float, max_lines: int) -> list[str]:
+    """Word-wrap `text` into at most `max_lines` lines of `max_w` pixels; the last is truncated."""
+    words, lines = text.split(), []
+    while words and len(lines) < max_lines:
+        if len(lines) == max_lines - 1:  # last line: whatever is left, shortened to fit
+            lines.append(_truncate(draw, " ".join(words), font, max_w))
+            break
+        line = words.pop(0)
+        while words and _text_size(draw, f"{line} {words[0]}", font)[0] <= max_w:
+            line = f"{line} {words.pop(0)}"
+        lines.append(_truncate(draw, line, font, max_w))  # a single over-long word
+    return lines
+
+
+def captioned_grid(
+    images: np.ndarray, captions: list[str], ncols: int = 8, scale: int = 2, max_lines: int = 2
+) -> np.ndarray:
+    """Images (scaled by `scale`) in a grid, each with a caption under it: word-wrapped to the tile
+    width over at most `max_lines` lines, the last shortened with an ellipsis. Missing captions are
+    blank. Returns uint8 HxWx3."""
     from PIL import Image, ImageDraw
 
     a = _as_nhwc_uint8(images)
@@ -340,12 +363,14 @@ def captioned_grid(images: np.ndarray, captions: list[str], ncols: int = 8, scal
     if n == 0:
         raise ValueError("captioned_grid needs at least one image")
     scale = max(1, int(scale))
+    max_lines = max(1, int(max_lines))
     ncols = max(1, min(int(ncols), n))
     nrows = math.ceil(n / ncols)
     tw, th = w * scale, h * scale
-    font = _font(11)
+    font = _font(10)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    cap_h = _text_size(probe, "Ag", font)[1] + 6
+    line_h = _text_size(probe, "Ag", font)[1] + 3
+    cap_h = max_lines * line_h + 4
     pad = 4
     cell_w, cell_h = tw + pad, th + cap_h + pad
     canvas = Image.new("RGB", (ncols * cell_w + pad, nrows * cell_h + pad), _WHITE)
@@ -356,9 +381,8 @@ def captioned_grid(images: np.ndarray, captions: list[str], ncols: int = 8, scal
         tile = a[i].repeat(scale, axis=0).repeat(scale, axis=1)
         canvas.paste(Image.fromarray(tile), (x, y))
         text = str(captions[i]) if i < len(captions) and captions[i] is not None else ""
-        text = " ".join(text.split())  # one line
-        if text:
-            _draw_text(draw, (x + tw / 2, y + th + 3), _truncate(draw, text, font, tw), font, anchor="ma")
+        for j, line in enumerate(_wrap(draw, text, font, tw, max_lines)):
+            _draw_text(draw, (x + tw / 2, y + th + 3 + j * line_h), line, font, anchor="ma")
     return np.asarray(canvas, dtype=np.uint8)
 
 
