@@ -217,7 +217,8 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     storage.write_json(storage.join(out, "manifest.json"), manifest)
     storage.write_commit_marker(out, {"n_encoded": manifest["n_encoded"]})
     if untrained:
-        print("encode: NOTE latents come from UNTRAINED encoders (no pretrained T5/VAE configured)")
+        which = [n for n, ident in (("T5 text encoder", text.identity), ("VAE", vae_identity)) if not ident["trained"]]
+        print(f"encode: NOTE the {' and the '.join(which)} {'is' if len(which) == 1 else 'are'} UNTRAINED (random init)")
     return manifest
 
 
