@@ -409,20 +409,14 @@ def validate(cfg: Config) -> None:
 
     positive("data.image_size", cfg.data.image_size)
     positive("data.shard_size", cfg.data.shard_size)
-    positive("train.steps", cfg.train.steps)
-    positive("train.batch_size", cfg.train.batch_size)
-    positive("train.num_workers", cfg.train.num_workers)
-    positive("train.lr", cfg.train.lr)
-    positive("train.report_every", cfg.train.report_every)
-    positive("train.checkpoint_every", cfg.train.checkpoint_every)
-    positive("vae_train.steps", cfg.vae_train.steps)
-    positive("vae_train.batch_size", cfg.vae_train.batch_size)
-    positive("vae_train.report_every", cfg.vae_train.report_every)
-    positive("vae_train.checkpoint_every", cfg.vae_train.checkpoint_every)
-    if cfg.vae_train.batch_size % cfg.vae_train.num_workers:
-        raise ConfigError(
-            f"vae_train.batch_size ({cfg.vae_train.batch_size}) must be divisible by vae_train.num_workers ({cfg.vae_train.num_workers})"
-        )
+    for name in ("train", "vae_train"):  # both LoopSections: the same checks
+        loop = getattr(cfg, name)
+        for key in ("steps", "batch_size", "num_workers", "lr", "report_every", "checkpoint_every"):
+            positive(f"{name}.{key}", getattr(loop, key))
+        if loop.batch_size % loop.num_workers:
+            raise ConfigError(
+                f"{name}.batch_size ({loop.batch_size}) must be divisible by {name}.num_workers ({loop.num_workers})"
+            )
     if cfg.vae.source == "pretrained" and not cfg.vae.pretrained:
         raise ConfigError("vae.pretrained: required when vae.source is 'pretrained' (a path, s3:// URI or hub id)")
     if cfg.vae.pretrained and cfg.vae.source != "pretrained":
@@ -430,10 +424,6 @@ def validate(cfg: Config) -> None:
     positive("generate.steps", cfg.generate.steps)
     positive("generate.num_images", cfg.generate.num_images)
     positive("encode.batch_size", cfg.encode.batch_size)
-    if cfg.train.batch_size % cfg.train.num_workers:
-        raise ConfigError(
-            f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.num_workers ({cfg.train.num_workers})"
-        )
     if not 0.0 <= cfg.train.cond_dropout < 1.0:
         raise ConfigError(f"train.cond_dropout: must be in [0, 1), got {cfg.train.cond_dropout}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
@@ -466,6 +456,15 @@ def validate(cfg: Config) -> None:
             f"denoiser.block_out_channels: {levels} levels need a latent size divisible by {2 ** (levels - 1)}, "
             f"but data.image_size={cfg.data.image_size} gives {latent}"
         )
+
+
+def resolve_use_gpu(setting: str) -> bool:
+    """A `use_gpu` setting (auto/yes/no) against the connected Ray cluster."""
+    if setting != "auto":
+        return setting == "yes"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def describe() -> str:

@@ -155,6 +155,15 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def download_dir(uri: str, local: str) -> str:
+    """A local folder holding the storage folder `uri` (copied there if remote); returns its path."""
+    fs, path = fs_and_path(uri)
+    if not is_remote(uri):
+        return path
+    fs.get(path.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)
+    return local
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 

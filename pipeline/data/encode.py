@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from pipeline import storage
+from pipeline.config import resolve_use_gpu
 from pipeline.data import schema
 from pipeline.data.decode import check_record, clean_caption
 
@@ -173,7 +174,6 @@ def encode_split(cfg, split: str, out_uri: str, use_gpu: bool) -> dict:
 def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     """Encode every split into `cfg.latents_uri()`; returns the manifest. Skips work already committed
     with the same config (the latents location is keyed by a hash of data, text encoder, VAE, seed)."""
-    import ray
     import torch
 
     from pipeline.models.text import build_text_encoder
@@ -194,8 +194,7 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     buf = io.BytesIO()
     np.savez(buf, emb=null_emb[0].numpy().astype(np.float32), mask=null_mask[0].numpy().astype(np.int64))
 
-    wants = cfg.encode.use_gpu
-    use_gpu = wants == "yes" or (wants == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    use_gpu = resolve_use_gpu(cfg.encode.use_gpu)
     split_counts = {s: encode_split(cfg, s, out, use_gpu) for s in splits}
     untrained = not (text.identity["trained"] and vae_identity["trained"])
     manifest = {

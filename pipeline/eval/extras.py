@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.eval.sample import load_ema_denoiser
-    from pipeline.train.step import _schedule
+    from pipeline.train.step import schedule_config
 
     n = cfg.eval.vlb_latents
     fs, path = storage.pyarrow_fs(storage.join(cfg.latents_uri(), "test"))
@@ -41,7 +40,7 @@ def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
             return model(x.float(), t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample.to(x.dtype)
 
     t0 = time.time()
-    terms = diffusion.vlb_terms(eps_fn, x0, schedule=_schedule(cfg),
+    terms = diffusion.vlb_terms(eps_fn, x0, schedule=schedule_config(cfg),
                                 timesteps=cfg.eval.vlb_timesteps or "all",
                                 generator=torch.Generator().manual_seed(cfg.run.seed), batch_t=1)
     bits = diffusion.bits_per_dim(terms, tuple(x0.shape))
@@ -105,7 +104,3 @@ def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_f
         print(f"sweep: {row}", flush=True)
         rows.append(row)
     return rows
-
-
-def finite_or_none(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x

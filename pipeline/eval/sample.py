@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline import diffusion, storage
+from pipeline.config import resolve_use_gpu
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +25,6 @@ log = logging.getLogger(__name__)
 def image_seed(seed: int, index: int) -> int:
     """A 63-bit seed that depends only on (seed, index)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def download_dir(uri: str, local: str) -> str:
-    """Copy a storage folder (e.g. a checkpoint) to a local folder; returns the local path."""
-    fs, path = storage.fs_and_path(uri)
-    if not storage.is_remote(uri):
-        return path
-    fs.get(path.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)
-    return local
 
 
 def load_ema_denoiser(cfg, manifest: dict, checkpoint_uri: str, device="cpu") -> torch.nn.Module:
@@ -43,7 +35,7 @@ def load_ema_denoiser(cfg, manifest: dict, checkpoint_uri: str, device="cpu") ->
     from pipeline.train.step import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        sd, _ = load_checkpoint(download_dir(checkpoint_uri, tmp))
+        sd, _ = load_checkpoint(storage.download_dir(checkpoint_uri, tmp))
     model = build_model(cfg, manifest)
     model.load_state_dict(sd["model"])
     ema = EMAModel(model.parameters())
@@ -59,7 +51,7 @@ class Generator:
         from pipeline.config import from_dict
         from pipeline.models.text import build_text_encoder
         from pipeline.models.vae import build_vae_for
-        from pipeline.train.step import _schedule
+        from pipeline.train.step import schedule_config
 
         self.cfg = cfg = from_dict(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,7 +59,7 @@ class Generator:
         self.vae, _ = build_vae_for(cfg, self.device)
         self.model = load_ema_denoiser(cfg, manifest, checkpoint_uri, self.device)
         self.latent_shape = tuple(manifest["latent_shape"])
-        self.schedule = _schedule(cfg)
+        self.schedule = schedule_config(cfg)
         self.null_emb, self.null_mask = self.text.encode([""], self.device)
         self.images_uri = images_uri
 
@@ -148,8 +140,7 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     images_uri = storage.join(out, "images")
     prompts = load_prompts(cfg, latents_uri)
     rows = [{"index": i, "prompt": prompts[i % len(prompts)], "seed": image_seed(g.seed, i)} for i in range(g.num_images)]
-    wants = g.use_gpu
-    use_gpu = wants == "yes" or (wants == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    use_gpu = resolve_use_gpu(g.use_gpu)
     t0 = time.perf_counter()
     ds = ray.data.from_items(rows).map_batches(
         Generator,

@@ -70,7 +70,7 @@ def build_train_state(cfg, manifest: dict, null_emb, null_mask, *, rank: int = 0
         ema=ema,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        noise_scheduler=diffusion.make_scheduler("ddpm", _schedule(cfg)),
+        noise_scheduler=diffusion.make_scheduler("ddpm", schedule_config(cfg)),
         generator=torch.Generator(),
         seed=cfg.run.seed,
         rank=rank,
@@ -85,11 +85,11 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _schedule(cfg) -> diffusion.ScheduleConfig:
-    s = cfg.schedule
-    return diffusion.ScheduleConfig(
-        num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule, beta_start=s.beta_start, beta_end=s.beta_end
-    )
+def schedule_config(cfg) -> diffusion.ScheduleConfig:
+    """The config's `schedule` section as the diffusion module's ScheduleConfig (same fields)."""
+    import dataclasses
+
+    return diffusion.ScheduleConfig(**dataclasses.asdict(cfg.schedule))
 
 
 def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> dict:
@@ -116,7 +116,7 @@ def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> d
     x_t, t_dev, emb, mask, noise = (v.to(device) for v in (x_t, t, emb, mask, noise))
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         pred = state.model(x_t, t_dev, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
-    per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+    per_sample = diffusion.diffusion_loss(pred, noise, reduction="none")
     loss = per_sample.mean()
 
     state.optimizer.zero_grad(set_to_none=True)

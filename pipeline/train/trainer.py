@@ -12,6 +12,7 @@ import logging
 import time
 
 from pipeline import storage
+from pipeline.config import resolve_use_gpu
 from pipeline.data.encode import load_manifest, load_null_text
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ def fit(cfg, task: str = "denoiser") -> dict:
             ["latent", "text_emb", "text_mask"]
         )
         loop_config |= {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist()}
-    wants = loop.use_gpu
-    use_gpu = wants == "yes" or (wants == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    use_gpu = resolve_use_gpu(loop.use_gpu)
     storage.ensure_bucket(cfg.checkpoints_uri())
     storage.makedirs(cfg.checkpoints_uri())
     trainer = TorchTrainer(

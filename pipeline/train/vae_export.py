@@ -35,12 +35,10 @@ def evaluate_vae(vae, images: np.ndarray, batch_size: int = 128) -> dict:
     from pipeline.train.vae_step import psnr_from_mse
 
     se, kl, n = 0.0, 0.0, 0
-    recons = []
     for i in range(0, len(images), batch_size):
         x = images_to_tensor(images[i:i + batch_size])
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.mean).sample.clamp(-1, 1)
-        recons.append(recon)
         dims = x[0].numel()
         se += float(((recon - x) ** 2).flatten(1).mean(1).sum())
         kl += float((0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar)).flatten(1).sum(1).sum() / dims)
@@ -52,13 +50,12 @@ def evaluate_vae(vae, images: np.ndarray, batch_size: int = 128) -> dict:
 
 def load_trained_vae(cfg, checkpoint_uri: str):
     """The AutoencoderKL with the weights of a VAE training checkpoint."""
-    from pipeline.eval.sample import download_dir
     from pipeline.models.vae import build_vae
     from pipeline.train.checkpoint import load_checkpoint
 
     vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, trainable=True, force_random=True)
     with tempfile.TemporaryDirectory() as tmp:
-        sd, _ = load_checkpoint(download_dir(checkpoint_uri, tmp))
+        sd, _ = load_checkpoint(storage.download_dir(checkpoint_uri, tmp))
     vae.load_state_dict({k.removeprefix("vae."): v for k, v in sd["model"].items()})
     return vae.eval().requires_grad_(False)
 
