@@ -113,10 +113,11 @@ def test_generate_images_can_be_regenerated_alone(chain):
 
 
 def test_ray_job_submit_runs_a_stage(chain, ray_cluster):
-    """The same job, unchanged, through the job server: generate 4 images with DPM-Solver."""
+    """The same job, unchanged, through the job server: generate 4 images with DPM-Solver. The entry
+    point names this interpreter: `python` on PATH need not be the project's environment."""
     prefix = chain["prefix"]
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_cluster.dashboard_url,
-           "--working-dir", ROOT, "--", "python", "-m", "jobs.generate", "--config", "configs/tiny.yaml",
+           "--working-dir", ROOT, "--", sys.executable, "-m", "jobs.generate", "--config", "configs/tiny.yaml",
            *chain["overrides"], "generate.num_images=4", "generate.sampler=dpm", "generate.steps=5",
            "fid.enabled=false", "run.name=tiny"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
