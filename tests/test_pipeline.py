@@ -94,6 +94,11 @@ def test_train_resumes_from_latest_checkpoint(chain):
     assert second["steps"] == 12
     latest = latest_checkpoint_uri(cfg2)
     assert storage.read_json(storage.join(latest, "manifest.json"))["step"] == 12
+    # Resuming under another noise schedule would continue a model trained for the old one: refused.
+    cfg3 = config.load(TINY, chain["overrides"] + ["train.steps=14", "schedule.beta_schedule=scaled_linear"])
+    with pytest.raises(config.ConfigError, match=r"schedule\.beta_schedule: checkpoint 'linear', config 'scaled_linear'"):
+        fit(cfg3)
+    assert latest_checkpoint_uri(cfg3) == latest  # nothing was trained
 
 
 def test_generate_images_can_be_regenerated_alone(chain):
@@ -139,16 +144,20 @@ def test_generate_job_evaluates_bound_and_sweeps(chain):
 
     cfg = config.load(TINY, chain["overrides"] + [
         "generate.num_images=8", "generate.steps=4", "eval.vlb_latents=8", "eval.vlb_timesteps=5",
-        "eval.sweep_images=4", "eval.sweep_guidance=[1, 3]", "eval.sweep_samplers=[ddim:3]", "fid.batch_size=20"])
+        "eval.sweep_images=4", "eval.sweep_guidance=[1, 2]", "eval.sweep_samplers=[ddim:3, ddim:4]", "fid.batch_size=20"])
     out = generate_job.run(cfg)
     ev = out["eval"]
     bits = ev["vlb"]["bits_per_dim"]
     assert set(bits) >= {"prior", "reconstruction", "denoising", "total"}
     assert bits["total"] == pytest.approx(bits["prior"] + bits["reconstruction"] + bits["denoising"])
     assert 0 <= bits["prior"] < 1e-3 and bits["denoising"] > 0
-    assert [(r["sampler"], r["guidance"]) for r in ev["sweeps"]] == [("ddim", 1.0), ("ddim", 3.0), ("ddim", 2.0)]
-    assert [r["nfe_per_image"] for r in ev["sweeps"]] == [4, 8, 6]
-    assert all(np.isfinite(r["fid"]) and r["n"] == 4 for r in ev["sweeps"])
+    rows = ev["sweeps"]
+    assert [(r["sweep"], r["sampler"], r["steps"], r["guidance"]) for r in rows] == [
+        ("guidance", "ddim", 4, 1.0), ("guidance", "ddim", 4, 2.0), ("sampler", "ddim", 3, 2.0), ("sampler", "ddim", 4, 2.0)]
+    assert [r["nfe_per_image"] for r in rows] == [4, 8, 6, 8]
+    assert all(np.isfinite(r["fid"]) and r["n"] == 4 for r in rows)
+    # The configured setting (ddim:4, guidance 2) is in both sweeps: generated once, reported twice.
+    assert {k: v for k, v in rows[3].items() if k != "sweep"} == {k: v for k, v in rows[1].items() if k != "sweep"}
     assert "prompt_accuracy" not in ev  # no classifier for emoji (eval.classifier=auto)
     stored = storage.read_json(storage.join(cfg.outputs_uri(), "generate", "eval.json"))
     assert stored["vlb"]["n_latents"] == 8

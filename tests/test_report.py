@@ -13,6 +13,7 @@ from pipeline.eval.report import (
     PALETTE,
     captioned_grid,
     config_block,
+    drawable,
     image_grid,
     line_chart,
     markdown_table,
@@ -113,6 +114,17 @@ def test_captioned_grid_shape():
     # One caption line makes each row shorter than the default two.
     g4 = captioned_grid(imgs[:4], caps[:4], ncols=4, scale=2, max_lines=1)
     assert g4.shape[1] == g2.shape[1] and g4.shape[0] < g2.shape[0]
+
+
+def test_captions_drawn_in_glyphs_the_font_has():
+    assert drawable("flag: C\u00f4te d\u2019Ivoire") == "flag: Cote d'Ivoire"
+    assert drawable("man \u2013 dancing") == "man - dancing"
+    assert drawable("\u5b57 kanji") == "? kanji"
+    # The grid draws the same pixels for a caption and its drawable form.
+    imgs = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    a = captioned_grid(imgs, ["flag: C\u00f4te d\u2019Ivoire"], ncols=1, scale=4)
+    b = captioned_grid(imgs, ["flag: Cote d'Ivoire"], ncols=1, scale=4)
+    assert np.array_equal(a, b)
 
 
 def test_markdown_table():

@@ -87,8 +87,11 @@ def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_f
     for item in cfg.eval.sweep_samplers:
         name, _, steps = item.partition(":")
         settings.append(("sampler", name, int(steps), cfg.generate.guidance_scale))
-    rows = []
+    rows, done = [], {}
     for kind, sampler, steps, scale in settings:
+        if (sampler, steps, float(scale)) in done:  # e.g. the configured setting is in both sweeps
+            rows.append({**done[(sampler, steps, float(scale))], "sweep": kind})
+            continue
         sub = dataclasses.replace(cfg, generate=dataclasses.replace(
             cfg.generate, sampler=sampler, steps=steps, guidance_scale=float(scale), num_images=cfg.eval.sweep_images))
         t0 = time.time()
@@ -103,4 +106,5 @@ def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_f
         log.info("sweep %s", row)
         print(f"sweep: {row}", flush=True)
         rows.append(row)
+        done[(sampler, steps, float(scale))] = row
     return rows

@@ -53,13 +53,26 @@ def _font(size: float):
         return ImageFont.load_default()
 
 
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-"})
+
+
+def drawable(text: str) -> str:
+    """`text` in the ASCII that PIL's default font has glyphs for: accents dropped (Côte -> Cote),
+    typographic quotes and dashes made plain, anything else '?' (it would draw as an empty box)."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", text.translate(_QUOTES))
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return "".join(c if c.isascii() else "?" for c in text)
+
+
 def _text_size(draw, text: str, font) -> tuple[int, int]:
-    l, t, r, b = draw.textbbox((0, 0), text, font=font)
+    l, t, r, b = draw.textbbox((0, 0), drawable(text), font=font)
     return r - l, b - t
 
 
 def _draw_text(draw, xy: tuple[float, float], text: str, font, fill=_BLACK, anchor: str = "la") -> None:
-    draw.text(xy, text, fill=fill, font=font, anchor=anchor)
+    draw.text(xy, drawable(text), fill=fill, font=font, anchor=anchor)
 
 
 def _nice_step(span: float, target: int) -> float:

@@ -72,3 +72,19 @@ def load_checkpoint(folder: str, map_location: str | torch.device = "cpu") -> tu
     manifest = read_manifest(folder)
     state = torch.load(os.path.join(folder, STATE_FILE), map_location=map_location, weights_only=False)
     return state, manifest
+
+
+RESUME_SECTIONS = {"denoiser": ("schedule", "denoiser", "text_encoder", "vae"), "vae": ("vae",)}
+"""Config sections a checkpoint's weights depend on, per task: resuming under different values would
+silently continue a different model (e.g. a denoiser trained on another noise schedule)."""
+
+
+def resume_conflicts(saved_cfg: dict, cfg_dict: dict, task: str) -> list[str]:
+    """`section.key: checkpoint X, config Y` for each RESUME_SECTIONS[task] value that differs."""
+    out = []
+    for section in RESUME_SECTIONS[task]:
+        old, new = saved_cfg.get(section, {}), cfg_dict.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                out.append(f"{section}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
+    return out

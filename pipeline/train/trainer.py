@@ -38,6 +38,24 @@ def latest_checkpoint_uri(cfg, task: str = "denoiser") -> str | None:
     return best[1] if best else None
 
 
+def check_resumable(cfg, task: str = "denoiser") -> None:
+    """Raise ConfigError if this run's latest checkpoint was trained under settings its weights depend on
+    (noise schedule, architectures, encoders) that differ from `cfg`'s: fit would otherwise resume it."""
+    from pipeline.config import ConfigError
+    from pipeline.train.checkpoint import resume_conflicts
+
+    latest = latest_checkpoint_uri(cfg, task)
+    if latest is None:
+        return
+    saved = storage.read_json(storage.join(latest, "manifest.json")).get("config", {})
+    conflicts = resume_conflicts(saved, cfg.to_dict(), task)
+    if conflicts:
+        raise ConfigError(
+            f"run {run_name(cfg, task)!r} has a checkpoint ({latest}) trained with other settings, which "
+            f"training would resume: {'; '.join(conflicts)}. Use a new run.name, or the checkpoint's settings."
+        )
+
+
 def image_dataset(cfg, split: str = "train"):
     """Decoded training images (column `image`, uint8 S x S x 3) for the autoencoder, decoded once."""
     from pipeline.data.encode import decode_batch, read_raw
@@ -55,6 +73,7 @@ def fit(cfg, task: str = "denoiser") -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    check_resumable(cfg, task)
     loop_config: dict = {"cfg": cfg.to_dict(), "task": task,
                          "history_uri": storage.join(cfg.outputs_uri(), f"{task}_metrics.json")}
     if task == "vae":
@@ -72,6 +91,13 @@ def fit(cfg, task: str = "denoiser") -> dict:
         )
         loop_config |= {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist()}
     use_gpu = resolve_use_gpu(loop.use_gpu)
+    spare_cpus = ray.cluster_resources().get("CPU", 0) - loop.num_workers  # each worker holds one CPU
+    if spare_cpus < 1:
+        # Ray Data streams the dataset with tasks that need a CPU of their own; with every CPU held by
+        # a training worker they would never be scheduled and training would wait forever. Read it
+        # into the object store first instead (the latents are small next to the images).
+        log.info("%s: no CPU left beside %d workers: reading the dataset before training", task, loop.num_workers)
+        dataset = dataset.materialize()
     storage.ensure_bucket(cfg.checkpoints_uri())
     storage.makedirs(cfg.checkpoints_uri())
     trainer = TorchTrainer(
