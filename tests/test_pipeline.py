@@ -157,6 +157,7 @@ def test_generate_job_evaluates_bound_and_sweeps(chain):
     assert [r["nfe_per_image"] for r in rows] == [4, 8, 6, 8]
     assert all(np.isfinite(r["fid"]) and r["n"] == 4 for r in rows)
     # The configured setting (ddim:4, guidance 2) is in both sweeps: generated once, reported twice.
+    assert rows[3].pop("reused") is True and "reused" not in rows[1]
     assert {k: v for k, v in rows[3].items() if k != "sweep"} == {k: v for k, v in rows[1].items() if k != "sweep"}
     assert "prompt_accuracy" not in ev  # no classifier for emoji (eval.classifier=auto)
     stored = storage.read_json(storage.join(cfg.outputs_uri(), "generate", "eval.json"))
@@ -186,7 +187,9 @@ def test_demo_end_to_end(tmp_path):
     env = dict(os.environ)
     for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_ADDRESS"):
         env.pop(k, None)  # the demo must bring its own services
-    proc = subprocess.run([sys.executable, "-m", "jobs.demo", "--config", TINY, "--run-dir", str(run_dir)],
+    # Two DDP workers hold both CPUs of the 2-core CI machine: the dataset must be read before training.
+    proc = subprocess.run([sys.executable, "-m", "jobs.demo", "--config", TINY, "--run-dir", str(run_dir),
+                           "train.num_workers=2", "vae_train.num_workers=2"],
                           capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -196,6 +199,7 @@ def test_demo_end_to_end(tmp_path):
     assert c["ingested"] == 160 and c["ingested"] == c["encoded"] + c["rejected"]
     assert c["generated"] == 16
     assert summary["train"]["steps"] == 20 and np.isfinite(summary["train"]["final_loss"])
+    assert summary["train"]["num_workers"] == 2
     assert summary["fid"]["n_gen"] == 16 and summary["fid"]["n_ref"] == 32
     assert np.isfinite(summary["fid"]["value"]) and summary["fid"]["value"] > 0
     report = (run_dir / "report" / "report.md").read_text()

@@ -90,7 +90,7 @@ def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_f
     rows, done = [], {}
     for kind, sampler, steps, scale in settings:
         if (sampler, steps, float(scale)) in done:  # e.g. the configured setting is in both sweeps
-            rows.append({**done[(sampler, steps, float(scale))], "sweep": kind})
+            rows.append({**done[(sampler, steps, float(scale))], "sweep": kind, "reused": True})
             continue
         sub = dataclasses.replace(cfg, generate=dataclasses.replace(
             cfg.generate, sampler=sampler, steps=steps, guidance_scale=float(scale), num_images=cfg.eval.sweep_images))

@@ -116,8 +116,10 @@ def run_loop(
         state.batch_in_epoch = 0
 
 
-def checkpoint_info(cfg, state: TrainState) -> dict:
-    return {"step": state.step, "epoch": state.epoch, "config": cfg.to_dict()}
+def checkpoint_info(cfg, state: TrainState, data_identity: dict | None = None) -> dict:
+    """The checkpoint manifest's fields beside the file list; `data_identity` names the data trained on
+    (e.g. the latents URI, keyed by the VAE's weights) so a resume on other data can be refused."""
+    return {"step": state.step, "epoch": state.epoch, "config": cfg.to_dict(), "data_identity": data_identity or {}}
 
 
 def format_metrics(m: dict, total: int) -> str:
@@ -191,7 +193,7 @@ def ray_worker(config: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_checkpoint(tmp, state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state))
+                save_checkpoint(tmp, state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state, config.get("data_identity")))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)

@@ -38,17 +38,26 @@ def latest_checkpoint_uri(cfg, task: str = "denoiser") -> str | None:
     return best[1] if best else None
 
 
-def check_resumable(cfg, task: str = "denoiser") -> None:
+def check_resumable(cfg, task: str = "denoiser", data_identity: dict | None = None) -> None:
     """Raise ConfigError if this run's latest checkpoint was trained under settings its weights depend on
-    (noise schedule, architectures, encoders) that differ from `cfg`'s: fit would otherwise resume it."""
-    from pipeline.config import ConfigError
+    (noise schedule, architectures, encoders, and for the denoiser the latent dataset, which a retrained
+    VAE changes) that differ from now: fit would otherwise resume it."""
+    from pipeline.config import ConfigError, from_dict
     from pipeline.train.checkpoint import resume_conflicts
 
     latest = latest_checkpoint_uri(cfg, task)
     if latest is None:
         return
-    saved = storage.read_json(storage.join(latest, "manifest.json")).get("config", {})
+    info = storage.read_json(storage.join(latest, "manifest.json"))
+    saved = info.get("config", {})
+    try:  # as this code would load it: fields added since get their defaults
+        saved = from_dict(saved).to_dict()
+    except ValueError:
+        pass  # a section or key this version no longer has: compare what is there
     conflicts = resume_conflicts(saved, cfg.to_dict(), task)
+    old_data = info.get("data_identity") or {}
+    conflicts += [f"{k}: checkpoint {old_data[k]!r}, now {v!r}" for k, v in (data_identity or {}).items()
+                  if k in old_data and old_data[k] != v]
     if conflicts:
         raise ConfigError(
             f"run {run_name(cfg, task)!r} has a checkpoint ({latest}) trained with other settings, which "
@@ -73,8 +82,9 @@ def fit(cfg, task: str = "denoiser") -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    check_resumable(cfg, task)
-    loop_config: dict = {"cfg": cfg.to_dict(), "task": task,
+    data_identity = {"latents_uri": cfg.latents_uri()} if task == "denoiser" else {}
+    check_resumable(cfg, task, data_identity)
+    loop_config: dict = {"cfg": cfg.to_dict(), "task": task, "data_identity": data_identity,
                          "history_uri": storage.join(cfg.outputs_uri(), f"{task}_metrics.json")}
     if task == "vae":
         loop = cfg.vae_train
@@ -91,7 +101,8 @@ def fit(cfg, task: str = "denoiser") -> dict:
         )
         loop_config |= {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist()}
     use_gpu = resolve_use_gpu(loop.use_gpu)
-    spare_cpus = ray.cluster_resources().get("CPU", 0) - loop.num_workers  # each worker holds one CPU
+    # Ray Train gives each worker one CPU, or one GPU and no CPU. cluster_resources() is the total.
+    spare_cpus = ray.cluster_resources().get("CPU", 0) - (0 if use_gpu else loop.num_workers)
     if spare_cpus < 1:
         # Ray Data streams the dataset with tasks that need a CPU of their own; with every CPU held by
         # a training worker they would never be scheduled and training would wait forever. Read it
