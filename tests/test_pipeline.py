@@ -115,6 +115,9 @@ def test_generate_images_can_be_regenerated_alone(chain):
     assert np.abs(batch["image"][1].astype(int) - alone["image"][0].astype(int)).max() <= 1
     assert not np.array_equal(batch["image"][0], batch["image"][1])
     assert storage.exists(storage.join(out, "000001.png"))
+    # Each image's latent spread comes back too (generate warns when samples are far wider than the data).
+    assert batch["latent_std"].shape == (3,) and (batch["latent_std"] > 0).all()
+    assert alone["latent_std"][0] == pytest.approx(batch["latent_std"][1], rel=1e-4)
 
 
 def test_ray_job_submit_runs_a_stage(chain, ray_cluster):

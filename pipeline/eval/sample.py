@@ -98,7 +98,8 @@ class Generator:
         dt = time.perf_counter() - t0
         print(f"generate: {len(keys)} images in {dt:.1f}s ({len(keys) / dt:.2f} images/s)", flush=True)
         return {"index": batch["index"], "key": np.array(keys), "prompt": np.array(prompts),
-                "seed": batch["seed"], "image": images}
+                "seed": batch["seed"], "image": images,
+                "latent_std": latents.float().flatten(1).std(dim=1).cpu().numpy()}
 
 
 def load_prompts(cfg, latents_uri: str) -> list[str]:
@@ -164,8 +165,15 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     storage.write_bytes(storage.join(out, "metadata.parquet"), buf.getvalue())
     grid = image_grid(images[: g.grid_size])
     storage.write_bytes(storage.join(out, "grid.png"), png_bytes(grid))
+    # The VAE's scaling factor makes the data's latents std ~1; samples far wider mean the sampler
+    # diverged (as DDIM / DPM-Solver did on DDPM's linear schedule with a briefly trained model).
+    latent_std = float(np.mean([float(r["latent_std"]) for r in results]))
+    if latent_std > 2.0:
+        log.warning("generated latents have std %.2f (the data's is ~1): the sampler diverged; try sampler=ddpm, "
+                    "more training, or a schedule with a less extreme last abar_t (README: noise schedules)", latent_std)
     info = {
         "n": len(results), "seconds": round(seconds, 2), "images_per_s": round(len(results) / seconds, 3),
+        "latent_std": round(latent_std, 4),
         "sampler": g.sampler, "steps": g.steps, "guidance_scale": g.guidance_scale,
         "nfe_per_image": diffusion.nfe_per_image(g.sampler, g.steps, g.guidance_scale),
         "checkpoint": checkpoint_uri, "uri": out, "grid": storage.join(out, "grid.png"),
