@@ -86,9 +86,9 @@ def run(cfg, run_dir: str) -> dict:
             "rejected": manifest["n_rejected"],
             "generated": gen["n"],
         },
-        "train": {"steps": train["steps"], "final_loss": train["final_loss"], "checkpoint": train["checkpoint"]},
+        "train": {k: train[k] for k in ("steps", "final_loss", "checkpoint", "num_workers", "seconds")},
         "fid": {"value": fid.get("fid"), "n_gen": fid.get("n_gen"), "n_ref": fid.get("n_ref")},
-        "generate": {k: gen[k] for k in ("sampler", "steps", "guidance_scale", "images_per_s", "uri")},
+        "generate": {k: gen[k] for k in ("sampler", "steps", "guidance_scale", "images_per_s", "latent_std", "uri")},
         "eval": gen.get("eval", {}),
         "vae": ({k: vae[k] for k in ("test_psnr", "test_kl_per_dim", "scaling_factor", "steps")} if vae
                 else {"source": cfg.vae.source, "trained": manifest["vae"]["trained"]}),

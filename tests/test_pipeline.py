@@ -203,6 +203,7 @@ def test_demo_end_to_end(tmp_path):
     assert c["generated"] == 16
     assert summary["train"]["steps"] == 20 and np.isfinite(summary["train"]["final_loss"])
     assert summary["train"]["num_workers"] == 2
+    assert np.isfinite(summary["generate"]["latent_std"]) and summary["generate"]["latent_std"] > 0
     assert summary["fid"]["n_gen"] == 16 and summary["fid"]["n_ref"] == 32
     assert np.isfinite(summary["fid"]["value"]) and summary["fid"]["value"] > 0
     report = (run_dir / "report" / "report.md").read_text()

@@ -99,7 +99,8 @@ def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_f
                        out_name=f"sweep-{sampler}{steps}-g{scale:g}")
         row = {"sweep": kind, "sampler": sampler, "steps": steps, "guidance": scale,
                "nfe_per_image": diffusion.nfe_per_image(sampler, steps, scale),
-               "images_per_s": gen["images_per_s"], "n": gen["n"], "fid": ref_fid_fn(gen["images"])}
+               "images_per_s": gen["images_per_s"], "n": gen["n"], "latent_std": gen["latent_std"],
+               "fid": ref_fid_fn(gen["images"])}
         if classifier is not None:
             row["prompt_accuracy"] = prompt_accuracy(classifier, gen["images"], gen["prompts"])["accuracy"]
         row["seconds"] = round(time.time() - t0, 1)
