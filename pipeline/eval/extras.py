@@ -89,8 +89,9 @@ def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_f
         settings.append(("sampler", name, int(steps), cfg.generate.guidance_scale))
     rows, done = [], {}
     for kind, sampler, steps, scale in settings:
-        if (sampler, steps, float(scale)) in done:  # e.g. the configured setting is in both sweeps
-            rows.append({**done[(sampler, steps, float(scale))], "sweep": kind, "reused": True})
+        setting = (sampler, steps, float(scale))
+        if setting in done:  # e.g. the configured setting is in both sweeps
+            rows.append({**done[setting], "sweep": kind, "reused": True})
             continue
         sub = dataclasses.replace(cfg, generate=dataclasses.replace(
             cfg.generate, sampler=sampler, steps=steps, guidance_scale=float(scale), num_images=cfg.eval.sweep_images))
@@ -107,5 +108,5 @@ def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_f
         log.info("sweep %s", row)
         print(f"sweep: {row}", flush=True)
         rows.append(row)
-        done[(sampler, steps, float(scale))] = row
+        done[setting] = row
     return rows
