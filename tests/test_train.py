@@ -102,3 +102,26 @@ def test_caption_dropout_uses_the_empty_caption():
     l3 = train_step(build_train_state(cfg0, MANIFEST, *NULL), batch, cfg0)["loss"]
     l4 = train_step(build_train_state(cfg0, MANIFEST, *NULL), other, cfg0)["loss"]
     assert l3 != l4
+
+
+def test_storage_checkpoint_listing_skips_unfinished_ones(tmp_path):
+    """What `fit` resumes and `generate`/bench/fid_curve.py read: only checkpoints whose manifest
+    exists and whose files have the sizes it records, ordered by step (not by folder name)."""
+    from pipeline.train.checkpoint import save_checkpoint
+    from pipeline.train.trainer import complete_checkpoints, latest_checkpoint_uri
+
+    cfg = _cfg(f"run.storage={tmp_path}")
+    run_dir = tmp_path / "checkpoints" / cfg.run.name
+    assert latest_checkpoint_uri(cfg) is None
+    # Ray names folders by wall time, so names do not sort by step: "b" holds the earlier step.
+    save_checkpoint(str(run_dir / "checkpoint_b"), {"w": torch.zeros(3)}, {"step": 4})
+    save_checkpoint(str(run_dir / "checkpoint_a"), {"w": torch.zeros(3)}, {"step": 8})
+    save_checkpoint(str(run_dir / "checkpoint_c"), {"w": torch.zeros(3)}, {"step": 12})
+    with open(run_dir / "checkpoint_c" / "state.pt", "r+b") as f:
+        f.truncate(10)  # a bad copy after the manifest
+    (run_dir / "checkpoint_d").mkdir()  # a crash before the manifest
+    (run_dir / "checkpoint_d" / "state.pt").write_bytes(b"\x80partial")
+    found = complete_checkpoints(cfg)
+    assert [(step, os.path.basename(uri.rstrip("/"))) for step, uri in found] == [
+        (4, "checkpoint_b"), (8, "checkpoint_a")]
+    assert latest_checkpoint_uri(cfg) == found[-1][1]

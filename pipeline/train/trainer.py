@@ -22,20 +22,26 @@ def run_name(cfg, task: str = "denoiser") -> str:
     return f"{cfg.run.name}-vae" if task == "vae" else cfg.run.name
 
 
-def latest_checkpoint_uri(cfg, task: str = "denoiser") -> str | None:
-    """The newest complete checkpoint folder of this run in storage, or None."""
+def complete_checkpoints(cfg, task: str = "denoiser") -> list[tuple[int, str]]:
+    """(step, folder) of this run's complete checkpoints in storage, oldest first. A folder without its
+    manifest (written last) or whose files' sizes differ from it never finished: it is not listed."""
     run_uri = storage.join(cfg.checkpoints_uri(), run_name(cfg, task))
     folders = [u for u in storage.ls(run_uri) if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")]
-    best: tuple[int, str] | None = None
+    found = []
     for folder in folders:
         manifest_uri = storage.join(folder, "manifest.json")
         if not storage.exists(manifest_uri):
             continue  # never completed: not trusted
         manifest = storage.read_json(manifest_uri)
-        sizes_ok = all(storage.size(storage.join(folder, name)) == size for name, size in manifest["files"].items())
-        if sizes_ok and (best is None or manifest["step"] > best[0]):
-            best = (manifest["step"], folder)
-    return best[1] if best else None
+        if all(storage.size(storage.join(folder, name)) == size for name, size in manifest["files"].items()):
+            found.append((manifest["step"], folder))
+    return sorted(found)
+
+
+def latest_checkpoint_uri(cfg, task: str = "denoiser") -> str | None:
+    """The newest complete checkpoint folder of this run in storage, or None."""
+    found = complete_checkpoints(cfg, task)
+    return found[-1][1] if found else None
 
 
 def check_resumable(cfg, task: str = "denoiser", data_identity: dict | None = None) -> None:
