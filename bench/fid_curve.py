@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -51,7 +52,7 @@ def main(argv=None) -> list[dict]:
     sub = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, num_images=args.images))
     rows, run_dir = [], os.path.abspath(args.run_dir)
     with local_services(run_dir, bucket=_bucket(cfg)) as (_, head):
-        ray.init(address=head.address, log_to_driver=True)
+        head.connect(log_to_driver=True, logging_level=logging.INFO)
         try:
             cli.prepare_storage(cfg)
             manifest = load_manifest(cfg.latents_uri())

@@ -9,6 +9,7 @@ Writes RUN_DIR/summary.json and RUN_DIR/grid.png; Ray's and SeaweedFS's files st
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -59,7 +60,7 @@ def run(cfg, run_dir: str) -> dict:
     with local_services(run_dir, bucket=_bucket(cfg)) as (s3, head):
         print(f"local S3 at {s3.endpoint} (bucket {s3.bucket}), Ray head at {head.address}, "
               f"dashboard {head.dashboard_url}", flush=True)
-        ray.init(address=head.address, log_to_driver=True)
+        head.connect(log_to_driver=True, logging_level=logging.INFO)
         try:
             cli.prepare_storage(cfg)
             ingested = timed("ingest", lambda: ingest(cfg))

@@ -39,7 +39,10 @@ def connect_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from pipeline.local import reclaim_sigterm
+
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    reclaim_sigterm()  # `ray job stop` sends SIGTERM: let `finally` blocks run
 
 
 def prepare_storage(cfg) -> None:

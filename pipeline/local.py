@@ -619,7 +619,9 @@ class LocalRay:
             logger.info("ray was imported without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; keeping the driver on %s", HOST)
             ray_constants.ENABLE_RAY_CLUSTER = False
         init_kwargs.setdefault("logging_level", logging.WARNING)
+        before = signal.getsignal(signal.SIGTERM)
         ray.init(address=self.address, **init_kwargs)
+        reclaim_sigterm(before)
 
     def _wait_job_server(self) -> None:
         """`ray start` returns before the dashboard's job server answers; `ray job submit` needs it."""
@@ -674,6 +676,22 @@ class LocalRay:
 
 
 # ------------------------------------------------------------------------------------- local_services
+
+
+def reclaim_sigterm(before=None) -> None:
+    """Call after ray.init(): give SIGTERM back to a Python handler (`before`, the one in place
+    before ray.init, if it was a Python function; else the sys.exit one ray.init set).
+
+    A driver's core worker installs Ray's C++ failure-signal handler for SIGTERM over Python's.
+    A SIGTERM then prints "*** SIGTERM received" and ends the process on the spot, skipping every
+    `finally` block, so the S3 server and Ray head we started kept running after `kill`.
+    Installing a Python handler again puts the cleanup back. Only possible from the main thread.
+    """
+    import threading
+
+    handler = before if callable(before) else signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread() and callable(handler):
+        signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager

@@ -189,20 +189,11 @@ def test_failed_start_cleans_up(tmp_path, monkeypatch: pytest.MonkeyPatch) -> No
     assert _processes_mentioning(str(tmp_path)) == []
 
 
-def test_sigterm_stops_the_server(tmp_path) -> None:
-    """`timeout` / `kill` send SIGTERM: inside sigterm_raises_exit the server is still stopped."""
-    import time
-
-    script = (
-        "import sys, time\n"
-        "from pipeline.local import SeaweedS3, sigterm_raises_exit\n"
-        "with sigterm_raises_exit(), SeaweedS3(sys.argv[1]) as s3:\n"
-        "    print(s3.pid, flush=True)\n"
-        "    time.sleep(120)\n"
-    )
+def _sigterm_after_ready(script: str, run_dir) -> int:
+    """Run `script` (argv[1] = run_dir) until it prints a pid, SIGTERM it; its exit code."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path)],
+        [sys.executable, "-c", script, str(run_dir)],
         stdout=subprocess.PIPE, text=True, cwd=repo,
         env={**os.environ, "PYTHONPATH": repo},
     )
@@ -210,12 +201,44 @@ def test_sigterm_stops_the_server(tmp_path) -> None:
         weed_pid = int(proc.stdout.readline())
         assert process_group_members(weed_pid)
         proc.terminate()
-        assert proc.wait(timeout=60) == 143
+        return proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.monotonic() + 5
-    while process_group_members(weed_pid) and time.monotonic() < deadline:
+
+
+def _nothing_left(run_dir) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert process_group_members(weed_pid) == []
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert _processes_mentioning(str(run_dir)) == []
+
+
+def test_sigterm_stops_the_server(tmp_path) -> None:
+    """`timeout` / `kill` send SIGTERM: inside sigterm_raises_exit the server is still stopped."""
+    script = (
+        "import sys, time\n"
+        "from pipeline.local import SeaweedS3, sigterm_raises_exit\n"
+        "with sigterm_raises_exit(), SeaweedS3(sys.argv[1]) as s3:\n"
+        "    print(s3.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    assert _sigterm_after_ready(script, tmp_path) == 143
+    _nothing_left(tmp_path)
+
+
+def test_sigterm_stops_the_services_of_a_connected_driver(tmp_path) -> None:
+    """Once ray.init() has run, Ray's C++ handler owns SIGTERM and would end the driver without its
+    `finally` blocks (the S3 server and Ray head kept running): connect() hands it back to Python."""
+    script = (
+        "import sys, time\n"
+        "from pipeline.local import local_services\n"
+        "with local_services(sys.argv[1], num_cpus=1) as (s3, head):\n"
+        "    head.connect()\n"
+        "    print(s3.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    assert _sigterm_after_ready(script, tmp_path) == 143
+    _nothing_left(tmp_path)
