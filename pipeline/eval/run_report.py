@@ -52,10 +52,13 @@ def build_report(cfg, gen: dict, stages: dict | None = None, out_uris: tuple[str
             if gen.get("encoders") else ""),
         "table": [{"metric": k, "value": v} for k, v in headline.items() if v is not None],
     }]
-    n = min(len(gen["images"]), 48)
-    sections.append({"heading": "Samples", "text": "Each image under its prompt (seed derived from its index).",
-                     "images": [("samples", rp.captioned_grid(gen["images"][:n], gen["prompts"][:n], ncols=8, scale=2),
-                                 "generated images and their prompts")]})
+    # Evenly spaced over the run rather than the first 48: prompts come sorted by key, and a
+    # dataset's keys group its categories (the emoji's first 48 test captions are mostly flags).
+    pick = np.unique(np.linspace(0, len(gen["images"]) - 1, min(len(gen["images"]), 48)).round().astype(int))
+    sections.append({"heading": "Samples", "text": f"{len(pick)} of the {len(gen['images'])} generated images, evenly "
+                     "spaced, each under its prompt (seed derived from its index).",
+                     "images": [("samples", rp.captioned_grid(gen["images"][pick], [gen["prompts"][i] for i in pick],
+                                                              ncols=8, scale=2), "generated images and their prompts")]})
     recon = _reconstructions(cfg)
     if recon is not None:
         sections.append({"heading": "VAE reconstructions", "text": "Test images (top rows) and their reconstructions.",
