@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -29,19 +28,12 @@ def _args(p) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    from pipeline.local import RAY_ENV_DEFAULTS
-
-    for k, v in RAY_ENV_DEFAULTS.items():  # read by Ray at import, as in jobs.demo
-        os.environ.setdefault(k, v)
-    import ray
-
-    from jobs.demo import _bucket
+    from jobs.demo import local_driver
     from pipeline import cli
     from pipeline.data.encode import load_manifest
     from pipeline.eval.evaluate import reference_stats
     from pipeline.eval.fid import fid_from_images
     from pipeline.eval.sample import generate
-    from pipeline.local import local_services
     from pipeline.train.trainer import complete_checkpoints
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -51,24 +43,19 @@ def main(argv=None) -> list[dict]:
     cli.setup_logging()
     sub = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, num_images=args.images))
     rows, run_dir = [], os.path.abspath(args.run_dir)
-    with local_services(run_dir, bucket=_bucket(cfg)) as (_, head):
-        head.connect(log_to_driver=True, logging_level=logging.INFO)
-        try:
-            cli.prepare_storage(cfg)
-            manifest = load_manifest(cfg.latents_uri())
-            ref, _, _ = reference_stats(cfg)
-            for step, checkpoint in complete_checkpoints(cfg):
-                t0 = time.time()
-                gen = generate(sub, manifest, checkpoint, cfg.latents_uri(), out_name=f"curve-step{step}")
-                fid, _ = fid_from_images(gen["images"], ref, batch_size=cfg.fid.batch_size)
-                rows.append({"step": step, "samples_seen": step * cfg.train.batch_size, "fid": round(fid, 2),
-                             "n": gen["n"], "latent_std": gen["latent_std"], "seconds": round(time.time() - t0, 1)})
-                os.makedirs(os.path.join(run_dir, "curve"), exist_ok=True)
-                with open(os.path.join(run_dir, "curve", f"step{step}.png"), "wb") as f:
-                    f.write(gen["grid_png"])  # the samples behind each point, to look at
-                print(f"curve: {rows[-1]}", flush=True)
-        finally:
-            ray.shutdown()
+    with local_driver(cfg, run_dir):
+        manifest = load_manifest(cfg.latents_uri())
+        ref, _, _ = reference_stats(cfg)
+        for step, checkpoint in complete_checkpoints(cfg):
+            t0 = time.time()
+            gen = generate(sub, manifest, checkpoint, cfg.latents_uri(), out_name=f"curve-step{step}")
+            fid, _ = fid_from_images(gen["images"], ref, batch_size=cfg.fid.batch_size)
+            rows.append({"step": step, "samples_seen": step * cfg.train.batch_size, "fid": round(fid, 2),
+                         "n": gen["n"], "latent_std": gen["latent_std"], "seconds": round(time.time() - t0, 1)})
+            os.makedirs(os.path.join(run_dir, "curve"), exist_ok=True)
+            with open(os.path.join(run_dir, "curve", f"step{step}.png"), "wb") as f:
+                f.write(gen["grid_png"])  # the samples behind each point, to look at
+            print(f"curve: {rows[-1]}", flush=True)
     print("\n=== FID against training steps "
           f"({cfg.generate.sampler} {cfg.generate.steps} steps, guidance {cfg.generate.guidance_scale:g}, "
           f"{args.images} generated vs {ref.count} test) ===")

@@ -8,6 +8,7 @@ Writes RUN_DIR/summary.json and RUN_DIR/grid.png; Ray's and SeaweedFS's files st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,10 @@ def _stop_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def run(cfg, run_dir: str) -> dict:
+@contextlib.contextmanager
+def local_driver(cfg, run_dir: str):
+    """This process as the Ray driver of a private S3 server and Ray head under `run_dir`, storage
+    prepared; both are stopped on leaving, also on an error, Ctrl-C or SIGTERM. Yields (s3, head)."""
     from pipeline.local import RAY_ENV_DEFAULTS
 
     # Read by Ray at import: makes this driver, too, use 127.0.0.1 rather than the machine's address.
@@ -39,10 +43,23 @@ def run(cfg, run_dir: str) -> dict:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     import ray
 
+    from pipeline.local import local_services
+
+    with local_services(run_dir, bucket=_bucket(cfg)) as (s3, head):
+        print(f"local S3 at {s3.endpoint} (bucket {s3.bucket}), Ray head at {head.address}, "
+              f"dashboard {head.dashboard_url}", flush=True)
+        head.connect(log_to_driver=True, logging_level=logging.INFO)
+        try:
+            cli.prepare_storage(cfg)
+            yield s3, head
+        finally:
+            ray.shutdown()
+
+
+def run(cfg, run_dir: str) -> dict:
     from jobs import generate as generate_job
     from pipeline.data.encode import encode
     from pipeline.data.ingest import ingest
-    from pipeline.local import local_services
     from pipeline.train.trainer import fit
     from pipeline.train.vae_job import train_vae
 
@@ -57,23 +74,16 @@ def run(cfg, run_dir: str) -> dict:
         return out
 
     t_start = time.time()
-    with local_services(run_dir, bucket=_bucket(cfg)) as (s3, head):
-        print(f"local S3 at {s3.endpoint} (bucket {s3.bucket}), Ray head at {head.address}, "
-              f"dashboard {head.dashboard_url}", flush=True)
-        head.connect(log_to_driver=True, logging_level=logging.INFO)
-        try:
-            cli.prepare_storage(cfg)
-            ingested = timed("ingest", lambda: ingest(cfg))
-            vae = timed("train_vae", lambda: train_vae(cfg)) if cfg.vae.source == "trained" else None
-            manifest = timed("encode", lambda: encode(cfg))
-            train = timed("train", lambda: fit(cfg))
-            gen = timed("generate+fid", lambda: generate_job.run(cfg, report=False))
-            if cfg.eval.report:
-                from pipeline.eval.run_report import build_report
+    with local_driver(cfg, run_dir):
+        ingested = timed("ingest", lambda: ingest(cfg))
+        vae = timed("train_vae", lambda: train_vae(cfg)) if cfg.vae.source == "trained" else None
+        manifest = timed("encode", lambda: encode(cfg))
+        train = timed("train", lambda: fit(cfg))
+        gen = timed("generate+fid", lambda: generate_job.run(cfg, report=False))
+        if cfg.eval.report:
+            from pipeline.eval.run_report import build_report
 
-                build_report(cfg, gen, stages, out_uris=(os.path.join(run_dir, "report"),))
-        finally:
-            ray.shutdown()
+            build_report(cfg, gen, stages, out_uris=(os.path.join(run_dir, "report"),))
     with open(os.path.join(run_dir, "grid.png"), "wb") as f:
         f.write(gen["grid_png"])
     fid = gen.get("fid") or {}
