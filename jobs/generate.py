@@ -12,7 +12,8 @@ from pipeline.train.trainer import latest_checkpoint_uri
 
 
 def evaluate(cfg, manifest: dict, checkpoint: str, out: dict) -> dict:
-    """Everything beyond the main FID; written to <outputs>/generate/eval.json."""
+    """Everything beyond the main FID; written to <outputs>/generate/eval.json. The seen-prompt samples'
+    images go into out["seen_prompts"] for the report."""
     from pipeline.eval import extras
     from pipeline.eval.evaluate import reference_stats
     from pipeline.eval.fid import fid_from_images
@@ -28,6 +29,9 @@ def evaluate(cfg, manifest: dict, checkpoint: str, out: dict) -> dict:
         ev["prompt_accuracy"] = extras.prompt_accuracy(classifier, out["images"], out["prompts"])
         print(f"eval: prompt accuracy {ev['prompt_accuracy']['accuracy']:.3f} "
               f"(classifier test accuracy {ev['classifier']['test_accuracy']})")
+    if cfg.eval.seen_prompt_images:
+        out["seen_prompts"] = extras.seen_prompt_samples(cfg, manifest, checkpoint, cfg.latents_uri())
+        ev["seen_prompts"] = {k: out["seen_prompts"][k] for k in ("n", "uri", "images_per_s", "latent_std")}
     if cfg.eval.sweep_images:
         ref, _, _ = reference_stats(cfg)
         ev["sweeps"] = extras.sweeps(cfg, manifest, checkpoint, cfg.latents_uri(),

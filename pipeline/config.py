@@ -233,6 +233,8 @@ class EvalSection:
     """Timesteps per latent for the bound's denoising sum: an unbiased Monte-Carlo estimate (0: all T)."""
     classifier: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
     """Prompt accuracy with a classifier trained on the train split: auto = for fashion_mnist."""
+    seen_prompt_images: int = 0
+    """Also generate this many images from training captions (spread over the split) for a second grid in the report: what the denoiser learnt for prompts it saw, beside the configured (held-out) prompts (0: off)."""
     sweep_images: int = 0
     """Images per setting of the guidance and sampler sweeps (0: no sweeps)."""
     sweep_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])

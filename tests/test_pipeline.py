@@ -6,6 +6,7 @@ the README's command in a subprocess with its own services.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -142,11 +143,12 @@ def test_ray_job_submit_runs_a_stage(chain, ray_cluster):
 
 def test_generate_job_evaluates_bound_and_sweeps(chain):
     """The generate job's evaluation on tiny settings: FID, the variational bound, a guidance and a
-    sampler sweep, eval.json and the report."""
+    sampler sweep, samples for training prompts, eval.json and the report."""
     from jobs import generate as generate_job
+    from pipeline.eval.sample import load_prompts
 
     cfg = config.load(TINY, chain["overrides"] + [
-        "generate.num_images=8", "generate.steps=4", "eval.vlb_latents=8", "eval.vlb_timesteps=5",
+        "generate.num_images=8", "generate.steps=4", "eval.vlb_latents=8", "eval.vlb_timesteps=5", "eval.seen_prompt_images=4",
         "eval.sweep_images=4", "eval.sweep_guidance=[1, 2]", "eval.sweep_samplers=[ddim:3, ddim:4]", "fid.batch_size=20"])
     out = generate_job.run(cfg)
     ev = out["eval"]
@@ -165,6 +167,15 @@ def test_generate_job_evaluates_bound_and_sweeps(chain):
     assert "prompt_accuracy" not in ev  # no classifier for emoji (eval.classifier=auto)
     stored = storage.read_json(storage.join(cfg.outputs_uri(), "generate", "eval.json"))
     assert stored["vlb"]["n_latents"] == 8
+    # Seen prompts: training captions from the first to the last of the split, not the test prompts.
+    train_captions = load_prompts(dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, prompts="train")),
+                                  cfg.latents_uri())
+    seen = out["seen_prompts"]
+    assert seen["n"] == 4 and stored["seen_prompts"]["n"] == 4 and seen["images"].shape[0] == 4
+    assert seen["prompts"][0] == train_captions[0] and seen["prompts"][-1] == train_captions[-1]
+    assert set(seen["prompts"]) <= set(train_captions) and storage.exists(storage.join(seen["uri"], "metadata.parquet"))
+    report = storage.read_bytes(storage.join(cfg.outputs_uri(), "report", "report.md")).decode()
+    assert "## Samples for training prompts" in report and "(samples_seen_prompts.png)" in report
 
 
 def test_train_vae_through_ray_then_encode_with_it(chain):

@@ -77,6 +77,19 @@ def prompt_accuracy(model, images: np.ndarray, prompts: list[str]) -> dict:
     return out
 
 
+def seen_prompt_samples(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str) -> dict:
+    """eval.seen_prompt_images images from training captions evenly spaced over the split (keys group
+    categories, so the first N would be one category): the denoiser on prompts it trained on."""
+    from pipeline.eval.sample import generate, load_prompts
+
+    n = cfg.eval.seen_prompt_images
+    sub = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, prompts="train", num_images=n))
+    captions = load_prompts(sub, latents_uri)
+    pick = np.linspace(0, len(captions) - 1, min(n, len(captions))).round().astype(int)
+    return generate(sub, manifest, checkpoint_uri, latents_uri, out_name="generate-seen-prompts",
+                    prompts=[captions[i] for i in pick])
+
+
 def sweeps(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, ref_fid_fn, classifier) -> list[dict]:
     """Guidance sweep (configured sampler) and sampler sweep (configured guidance), each setting on
     eval.sweep_images images scored with the same cached reference statistics (FID at this count is

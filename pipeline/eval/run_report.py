@@ -55,10 +55,19 @@ def build_report(cfg, gen: dict, stages: dict | None = None, out_uris: tuple[str
     # Evenly spaced over the run rather than the first 48: prompts come sorted by key, and a
     # dataset's keys group its categories (the emoji's first 48 test captions are mostly flags).
     pick = np.unique(np.linspace(0, len(gen["images"]) - 1, min(len(gen["images"]), 48)).round().astype(int))
+    held_out = " (held-out: the test split's captions)" if cfg.generate.prompts == "test" else ""
     sections.append({"heading": "Samples", "text": f"{len(pick)} of the {len(gen['images'])} generated images, evenly "
-                     "spaced, each under its prompt (seed derived from its index).",
+                     f"spaced, each under its prompt{held_out}; seed derived from its index.",
                      "images": [("samples", rp.captioned_grid(gen["images"][pick], [gen["prompts"][i] for i in pick],
                                                               ncols=8, scale=2), "generated images and their prompts")]})
+    seen = gen.get("seen_prompts")
+    if seen:
+        sections.append({"heading": "Samples for training prompts",
+                         "text": f"{seen['n']} images from training captions spread over the train split: prompts "
+                                 "the denoiser saw, so these show what it learnt rather than how it generalises.",
+                         "images": [("samples_seen_prompts", rp.captioned_grid(seen["images"][:48], seen["prompts"][:48],
+                                                                               ncols=8, scale=2),
+                                     "generated images for training captions")]})
     recon = _reconstructions(cfg)
     if recon is not None:
         sections.append({"heading": "VAE reconstructions", "text": "Test images (top rows) and their reconstructions.",

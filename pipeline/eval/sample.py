@@ -127,9 +127,11 @@ def load_prompts(cfg, latents_uri: str) -> list[str]:
     return prompts
 
 
-def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_name: str = "generate") -> dict:
-    """Generate cfg.generate.num_images images into `<outputs>/<out_name>/`. Returns metadata, the
-    images (uint8 NHWC, in index order), their prompts and timing."""
+def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_name: str = "generate",
+             prompts: list[str] | None = None) -> dict:
+    """Generate cfg.generate.num_images images into `<outputs>/<out_name>/` from `prompts` (default: those
+    of cfg.generate.prompts), cycled. Returns metadata, the images (uint8 NHWC, in index order), their
+    prompts and timing."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -139,7 +141,7 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     g = cfg.generate
     out = storage.join(cfg.outputs_uri(), out_name)
     images_uri = storage.join(out, "images")
-    prompts = load_prompts(cfg, latents_uri)
+    prompts = prompts or load_prompts(cfg, latents_uri)
     rows = [{"index": i, "prompt": prompts[i % len(prompts)], "seed": image_seed(g.seed, i)} for i in range(g.num_images)]
     use_gpu = resolve_use_gpu(g.use_gpu)
     t0 = time.perf_counter()
