@@ -2,11 +2,12 @@
 configured sampler and guidance and scored on the same cached test statistics. Each point's sample
 grid is written to RUN_DIR/curve/step<N>.png.
 
-    .venv/bin/python bench/fid_curve.py --run-dir runs/fashion [--images 1000] [section.key=value ...]
+    .venv/bin/python bench/fid_curve.py --run-dir runs/fashion [--images 1000] [--steps 3000,7000] [key=value ...]
 
 It answers "would more training help?": a curve still falling at the last checkpoint says the
 budget, not the model, limits the FID. Uses the run's local S3 and Ray (started and stopped here);
 the config defaults to configs/fashion_mnist.yaml and must be the one the run was trained with.
+Where the run has a prompt classifier (cached by its evaluation), each point also gets prompt accuracy.
 FID on 1,000 images is biased upward: compare the rows with each other, not with FID-5k.
 """
 
@@ -25,6 +26,7 @@ sys.path.insert(0, ROOT)
 def _args(p) -> None:
     p.add_argument("--run-dir", default=os.path.join(ROOT, "runs", "fashion"))
     p.add_argument("--images", type=int, default=1000, help="generated images per checkpoint")
+    p.add_argument("--steps", default="", help="comma-separated checkpoint steps to score (default: all kept)")
 
 
 def main(argv=None) -> list[dict]:
@@ -32,6 +34,7 @@ def main(argv=None) -> list[dict]:
     from pipeline import cli
     from pipeline.data.encode import load_manifest
     from pipeline.eval.evaluate import reference_stats
+    from pipeline.eval.extras import prompt_accuracy, prompt_classifier
     from pipeline.eval.fid import fid_from_images
     from pipeline.eval.sample import generate
     from pipeline.train.trainer import complete_checkpoints
@@ -46,12 +49,19 @@ def main(argv=None) -> list[dict]:
     with local_driver(cfg, run_dir):
         manifest = load_manifest(cfg.latents_uri())
         ref, _, _ = reference_stats(cfg)
+        classifier, _ = prompt_classifier(cfg)
+        wanted = {int(s) for s in args.steps.split(",") if s.strip()}
         for step, checkpoint in complete_checkpoints(cfg):
+            if wanted and step not in wanted:
+                continue
             t0 = time.time()
             gen = generate(sub, manifest, checkpoint, cfg.latents_uri(), out_name=f"curve-step{step}")
             fid, _ = fid_from_images(gen["images"], ref, batch_size=cfg.fid.batch_size)
             rows.append({"step": step, "samples_seen": step * cfg.train.batch_size, "fid": round(fid, 2),
-                         "n": gen["n"], "latent_std": gen["latent_std"], "seconds": round(time.time() - t0, 1)})
+                         "n": gen["n"], "latent_std": gen["latent_std"]})
+            if classifier is not None:
+                rows[-1]["prompt_accuracy"] = prompt_accuracy(classifier, gen["images"], gen["prompts"])["accuracy"]
+            rows[-1]["seconds"] = round(time.time() - t0, 1)
             os.makedirs(os.path.join(run_dir, "curve"), exist_ok=True)
             with open(os.path.join(run_dir, "curve", f"step{step}.png"), "wb") as f:
                 f.write(gen["grid_png"])  # the samples behind each point, to look at
