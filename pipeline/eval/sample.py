@@ -141,7 +141,8 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     g = cfg.generate
     out = storage.join(cfg.outputs_uri(), out_name)
     images_uri = storage.join(out, "images")
-    prompts = prompts or load_prompts(cfg, latents_uri)
+    if prompts is None:
+        prompts = load_prompts(cfg, latents_uri)
     rows = [{"index": i, "prompt": prompts[i % len(prompts)], "seed": image_seed(g.seed, i)} for i in range(g.num_images)]
     use_gpu = resolve_use_gpu(g.use_gpu)
     t0 = time.perf_counter()
