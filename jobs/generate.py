@@ -32,6 +32,15 @@ def evaluate(cfg, manifest: dict, checkpoint: str, out: dict) -> dict:
     if cfg.eval.seen_prompt_images:
         out["seen_prompts"] = extras.seen_prompt_samples(cfg, manifest, checkpoint, cfg.latents_uri())
         ev["seen_prompts"] = {k: out["seen_prompts"][k] for k in ("n", "uri", "images_per_s", "latent_std")}
+    if cfg.eval.nearest_match_images:
+        sets = {"samples": (out["images"], out["prompts"])}
+        if out.get("seen_prompts"):
+            sets["seen_prompts"] = (out["seen_prompts"]["images"], out["seen_prompts"]["prompts"])
+        ev["nearest_match"] = extras.nearest_train_match(cfg, sets)
+        for name, m in ev["nearest_match"].items():
+            if m["n"]:
+                print(f"eval: nearest training image has the prompt's caption for {m['accuracy']:.3f} of {m['n']} "
+                      f"{name} (chance {m['chance']:.3f})")
     if cfg.eval.sweep_images:
         ref, _, _ = reference_stats(cfg)
         ev["sweeps"] = extras.sweeps(cfg, manifest, checkpoint, cfg.latents_uri(),

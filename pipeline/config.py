@@ -59,6 +59,10 @@ class DataSection:
     """Items per ingested shard."""
     source_dir: str = ""
     """fashion_mnist only: folder with the IDX files (empty: the Debian package's folder)."""
+    emoji_names: list[str] = field(default_factory=list)
+    """emoji only: ingest just these emoji, by their caption names (`grinning face`, `flag of Japan`). Empty: all ~1,900."""
+    emoji_renders: int = 1
+    """emoji only: images per emoji. 1: the plain glyph, and test emoji are other emoji. More: seeded scaled/turned/moved renders, and the test split holds unseen renders of the training emoji."""
 
 
 @dataclass
@@ -235,6 +239,8 @@ class EvalSection:
     """Prompt accuracy with a classifier trained on the train split: auto = for fashion_mnist."""
     seen_prompt_images: int = 0
     """Also generate this many images from training captions (spread over the split) for a second grid in the report: what the denoiser learnt for prompts it saw, beside the configured (held-out) prompts (0: off)."""
+    nearest_match_images: int = 0
+    """Search this many training images for each sample's nearest neighbour (pixels) and report how often its caption is the sample's prompt: whether samples look like the prompted thing, for datasets that repeat captions (0: off)."""
     sweep_images: int = 0
     """Images per setting of the guidance and sampler sweeps (0: no sweeps)."""
     sweep_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
@@ -438,6 +444,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"generate.steps ({cfg.generate.steps}) must be <= schedule.num_train_timesteps ({cfg.schedule.num_train_timesteps})"
         )
+    positive("data.emoji_renders", cfg.data.emoji_renders)
+    if cfg.data.source != "emoji" and (cfg.data.emoji_names or cfg.data.emoji_renders != 1):
+        raise ConfigError(f"data.emoji_names / data.emoji_renders: only for data.source 'emoji', not {cfg.data.source!r}")
     if cfg.data.source == "shards" and not cfg.data.input_uri:
         raise ConfigError("data.input_uri: required when data.source is 'shards' (the prefix of your img2dataset output)")
     for key, channels, groups in (

@@ -225,3 +225,28 @@ def test_prompt_accuracy_arithmetic():
     assert empty["n"] == 0 and empty["unlabelled"] == 2 and np.isnan(empty["accuracy"])
     with pytest.raises(ValueError):
         clf.prompt_accuracy(_Oracle(), images, ["a shirt"])
+
+
+def test_nearest_caption_accuracy_on_emoji_renders():
+    """The retrieval check behind eval.nearest_match_images, on real renders: unseen renders of an
+    emoji find a render of the same emoji; the same images under wrong prompts score 0."""
+    from pipeline.data import decode, sources
+    from pipeline.eval.extras import nearest_caption_accuracy
+
+    names = ["fire", "cat face", "pizza", "rocket"]
+    items = list(sources.iter_source("emoji", "train", size=64, names=names, renders=16)) + \
+        list(sources.iter_source("emoji", "test", size=64, names=names, renders=16))
+    images = np.stack([decode.decode_image(d, 32) for _, d, _, _ in items])
+    captions = [c for _, _, c, _ in items]
+    renders = np.array([m["render"] for *_, m in items])
+    ref, query = renders < 12, renders >= 12  # held-out renders as the "generated" images
+    ref_caps = [c for c, r in zip(captions, ref) if r]
+    prompts = [c for c, q in zip(captions, query) if q]
+    right = nearest_caption_accuracy(images[query], prompts, images[ref], ref_caps)
+    assert right["n"] == 16 and right["accuracy"] == 1.0 and right["chance"] == pytest.approx(0.25)
+    wrong = [names[(names.index(p) + 1) % 4] for p in prompts]
+    assert nearest_caption_accuracy(images[query], wrong, images[ref], ref_caps)["accuracy"] == 0.0
+    # prompts that are no reference caption are left out, not counted as misses
+    mixed = nearest_caption_accuracy(images[query], prompts[:8] + ["a unicorn"] * 8, images[ref], ref_caps)
+    assert mixed["n"] == 8 and mixed["accuracy"] == 1.0
+    assert nearest_caption_accuracy(images[query], ["a unicorn"] * 16, images[ref], ref_caps)["accuracy"] is None

@@ -45,6 +45,8 @@ def test_overrides_are_typed_and_applied():
         (["train.num_workers=3"], ["train.batch_size", "train.num_workers"]),
         (["data.source=imagenet"], ["data.source", "emoji", "fashion_mnist", "shards"]),
         (["data.source=shards"], ["data.input_uri"]),
+        (["data.source=fashion_mnist", "data.emoji_renders=5"], ["data.emoji_renders", "emoji", "fashion_mnist"]),
+        (["data.emoji_renders=0"], ["data.emoji_renders", "> 0"]),
         (["train.cond_dropout=1.5"], ["train.cond_dropout"]),
         (["vae.norm_num_groups=7"], ["vae.norm_num_groups", "block_out_channels"]),
         (["generate.steps=5000"], ["generate.steps", "num_train_timesteps"]),

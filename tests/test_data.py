@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import storage
-from pipeline.data import decode, schema, shards, sources
+from pipeline import config, storage
+from pipeline.data import decode, ingest, schema, shards, sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -328,6 +330,44 @@ def test_emoji_templates_and_size():
     (key, data, caption, meta), = sources.iter_source("emoji", "test", limit=1, size=32, caption_templates=True)
     assert Image.open(io.BytesIO(data)).size == (32, 32)
     assert meta["name"] in caption and meta["split"] == "test"
+
+
+def test_emoji_renders_of_chosen_emoji():
+    names = ["fire", "cat face", "pizza"]
+    train = list(sources.iter_source("emoji", "train", size=32, names=names, renders=12))
+    test = list(sources.iter_source("emoji", "test", size=32, names=names, renders=12))
+    assert len(train) + len(test) == 36 and len(test) >= 1
+    assert len(train) == sources.count_source("emoji", "train", names=names, renders=12)
+    assert len(test) == sources.count_source("emoji", "test", names=names, renders=12)
+    keys = [k for k, *_ in train + test]
+    assert len(set(keys)) == 36 and all(k.rsplit("_r", 1)[1].isdigit() for k in keys)
+    assert {m["name"] for *_, m in train} == set(names)  # every chosen emoji, none other
+    assert all(caption == m["name"] for _, _, caption, m in train + test)
+    by_render = {(m["name"], m["render"]): np.asarray(Image.open(io.BytesIO(d))) for _, d, _, m in train + test}
+    fire = [by_render[("fire", r)] for r in range(12)]
+    # render 0 is the plain glyph; the others are moved, so no two renders share their pixels
+    assert np.array_equal(fire[0], np.asarray(sources.render_emoji("\U0001F525", size=32)))
+    diffs = [np.abs(a.astype(int) - b.astype(int)).mean() for i, a in enumerate(fire) for b in fire[i + 1:]]
+    assert min(diffs) > 1.0
+    # ...but each stays the same emoji: nearer its own plain glyph than the other emoji's
+    for name in names:
+        plain = {n: by_render[(n, 0)].astype(int) for n in names}
+        for r in range(1, 12):
+            img = by_render[(name, r)].astype(int)
+            assert min(plain, key=lambda n: np.abs(img - plain[n]).mean()) == name, (name, r)
+    # deterministic
+    again = list(sources.iter_source("emoji", "train", size=32, names=names, renders=12))
+    assert [d for _, d, *_ in again] == [d for _, d, *_ in train]
+
+
+def test_unknown_emoji_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="'firee'.*did you mean 'fire'"):
+        sources.count_source("emoji", "train", names=["firee"], renders=3)
+    cfg = config.load(os.path.join(ROOT, "configs", "tiny.yaml"),
+                      [f"run.storage={tmp_path}", "data.emoji_names=[fire, catface]", "data.emoji_renders=3"])
+    with pytest.raises(config.ConfigError, match="data.emoji_names: .*'catface'.*'cat face'"):
+        ingest.ingest(cfg)
+    assert not os.path.exists(tmp_path / "datasets")  # nothing written
 
 
 def test_fashion_mnist_counts_and_first_sample():

@@ -11,10 +11,25 @@ import logging
 import time
 
 from pipeline import storage
+from pipeline.config import ConfigError
 from pipeline.data import sources
 from pipeline.data.shards import write_parquet_shards, write_webdataset_shards
 
 log = logging.getLogger(__name__)
+
+
+def source_options(cfg) -> dict:
+    """The config's options for the built-in source (passed to sources.iter_source)."""
+    if cfg.data.source == "fashion_mnist" and cfg.data.source_dir:
+        return {"root": cfg.data.source_dir}
+    if cfg.data.source == "emoji" and (cfg.data.emoji_names or cfg.data.emoji_renders != 1):
+        opts = {"names": list(cfg.data.emoji_names), "renders": cfg.data.emoji_renders}
+        try:  # the sample generator is lazy: check the names here, against the key that set them
+            sources.count_source("emoji", "train", **opts)
+        except ValueError as e:
+            raise ConfigError(f"data.emoji_names: {e}") from None
+        return opts
+    return {}
 
 
 def ingest(cfg) -> dict:
@@ -26,6 +41,9 @@ def ingest(cfg) -> dict:
         prefix = storage.join(cfg.raw_uri(), split)
         settings = {"source": cfg.data.source, "split": split, "limit": limit, "format": cfg.data.format,
                     "shard_size": cfg.data.shard_size, "source_dir": cfg.data.source_dir}
+        opts = source_options(cfg)
+        if opts:
+            settings["options"] = opts
         marker = storage.join(prefix, storage.COMMIT_MARKER)
         if storage.exists(marker):
             done = storage.read_json(marker)
@@ -35,7 +53,6 @@ def ingest(cfg) -> dict:
                 continue
         storage.rm(prefix)  # stale or partial: never mixed with new shards
         t0 = time.time()
-        opts = {"root": cfg.data.source_dir} if cfg.data.source == "fashion_mnist" and cfg.data.source_dir else {}
         records = sources.iter_source(cfg.data.source, split, limit=limit or None, **opts)
         if cfg.data.format == "webdataset":
             written = write_webdataset_shards(records, prefix, cfg.data.shard_size)

@@ -17,13 +17,14 @@ Samples are produced in a deterministic order, so shards written from them are r
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import io
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -136,30 +137,83 @@ def emoji_split_of(name: str, test_fraction: float = 0.1) -> str:
 
 
 def render_emoji(
-    emoji_str: str, size: int = 64, font_path: str | None = None, supersample: int = 2
+    emoji_str: str,
+    size: int = 64,
+    font_path: str | None = None,
+    supersample: int = 2,
+    jitter: tuple[float, float, float, float] | None = None,
 ) -> Image.Image | None:
     """RGBA image (size x size) of one emoji on transparency, or None if it renders blank.
 
     The frame is the font's design square (the glyph advance, plus a 4% margin that the widest
     glyphs need), centred on the glyph: every emoji keeps its designed size and position instead of
     being stretched to its ink box. Drawn at `supersample` x `size` and reduced with Lanczos.
+    jitter: (scale, degrees counter-clockwise, dx, dy as fractions of the side), applied at the
+    supersampled size, so a moved render is as sharp as the plain one.
     """
     path = font_path or emoji_font_path()
     # the design square is 82.5/64 of the font size for OpenMoji; derive the font size from it
     ref = _font(path, 64)
     design_per_px = ref.getlength(_PROBE) / 64.0
     canvas = max(size * max(1, supersample), 8)
-    font_size = max(4, int(round(canvas / (design_per_px * 1.04))))
+    scale = jitter[0] if jitter else 1.0
+    font_size = max(4, int(round(scale * canvas / (design_per_px * 1.04))))
     img = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))
     ImageDraw.Draw(img).text(
         (canvas / 2.0, canvas / 2.0), emoji_str, font=_font(path, font_size), embedded_color=True, anchor="mm"
     )
+    if jitter:
+        _, degrees, dx, dy = jitter
+        img = img.rotate(degrees, resample=Image.Resampling.BICUBIC, translate=(dx * canvas, dy * canvas))
     ink = img.getchannel("A").getbbox()
     if ink is None or (ink[2] - ink[0]) * (ink[3] - ink[1]) < 4 * supersample**2:
         return None
     if canvas != size:
         img = img.resize((size, size), Image.Resampling.LANCZOS)
     return img
+
+
+# Render 0 of every emoji is the plain glyph; later renders are scaled, turned and moved by these
+# ranges: enough that no two renders share pixels, little enough that every one stays recognisable
+# and inside the frame (a 0.8-scaled glyph has ~10% margin on each side to move into).
+EMOJI_JITTER = {"scale": (0.8, 1.0), "degrees": (-12.0, 12.0), "shift": 0.07}
+
+
+def emoji_jitter(name: str, render: int) -> tuple[float, float, float, float] | None:
+    """The seeded (scale, degrees, dx, dy) of render `render` of emoji `name`; None for render 0."""
+    if render == 0:
+        return None
+    rng = np.random.default_rng(int(_stable_fraction(f"emoji-jitter:{name}#{render}") * 2**63))
+    shift = EMOJI_JITTER["shift"]
+    return (float(rng.uniform(*EMOJI_JITTER["scale"])), float(rng.uniform(*EMOJI_JITTER["degrees"])),
+            float(rng.uniform(-shift, shift)), float(rng.uniform(-shift, shift)))
+
+
+def _emoji_items(
+    font_path: str, include_skin_tones: bool, names: Sequence[str] | None, renders: int, test_fraction: float
+) -> list[tuple[str, str, int, str]]:
+    """(emoji, name, render, split) in output order. One render: the split is by emoji (test emoji
+    are other emoji). Several: every chosen emoji is in both splits, by a hash of (name, render)."""
+    if renders < 1:
+        raise ValueError(f"renders: must be at least 1, got {renders}")
+    catalogue = _emoji_catalogue(font_path, include_skin_tones)
+    if names:
+        by_name = {name: e for e, name in catalogue}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            hints = {n: difflib.get_close_matches(n, list(by_name), n=3) for n in unknown}
+            raise ValueError("unknown emoji name(s): " + "; ".join(
+                f"{n!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "") for n, h in hints.items()))
+        catalogue = tuple((by_name[n], n) for n in sorted(set(names), key=lambda n: (n.lower(), n)))
+    items = []
+    for e, name in catalogue:
+        if renders == 1:
+            items.append((e, name, 0, emoji_split_of(name, test_fraction)))
+            continue
+        for r in range(renders):
+            split = "test" if _stable_fraction(f"emoji-render-split:{name}#{r}") < test_fraction else "train"
+            items.append((e, name, r, split))
+    return items
 
 
 def iter_emoji(
@@ -172,21 +226,27 @@ def iter_emoji(
     caption_templates: bool = False,
     test_fraction: float = 0.1,
     font_path: str | None = None,
+    names: Sequence[str] | None = None,
+    renders: int = 1,
 ) -> Iterator[Sample]:
     """OpenMoji emoji of `split` as (key, png_bytes, caption, meta).
 
+    names: only these emoji (CLDR names as captioned, "grinning face"); None or empty: all.
+    renders: images per emoji. 1: the plain glyph, split by emoji. More: render 0 is plain and the
+    rest are jittered (see emoji_jitter); each render goes to train or test by a hash, so the test
+    split holds unseen renders of the training emoji, and keys end in `_r<render>`.
     caption: the plain name ("grinning face"); with `caption_templates` one of EMOJI_TEMPLATES,
-    chosen by a hash of the name (deterministic). meta: emoji, name, codepoints, license.
+    chosen by a hash of the name (deterministic). meta: emoji, name, render, codepoints, license.
     """
     _check_split(split)
     path = font_path or emoji_font_path()
     produced = 0
-    for e, name in _emoji_catalogue(path, include_skin_tones):
+    for e, name, render, item_split in _emoji_items(path, include_skin_tones, names, renders, test_fraction):
         if limit is not None and produced >= limit:
             return
-        if emoji_split_of(name, test_fraction) != split:
+        if item_split != split:
             continue
-        img = render_emoji(e, size=size, font_path=path, supersample=supersample)
+        img = render_emoji(e, size=size, font_path=path, supersample=supersample, jitter=emoji_jitter(name, render))
         if img is None:
             continue
         caption = name
@@ -197,11 +257,13 @@ def iter_emoji(
             "dataset": "emoji",
             "emoji": e,
             "name": name,
+            "render": render,
             "codepoints": " ".join(f"U+{ord(c):04X}" for c in e),
             "license": EMOJI_LICENSE,
             "split": split,
         }
-        yield emoji_key(e), _png_bytes(img), caption, meta
+        key = emoji_key(e) if renders == 1 else f"{emoji_key(e)}_r{render:03d}"
+        yield key, _png_bytes(img), caption, meta
         produced += 1
 
 
@@ -211,14 +273,16 @@ def count_emoji(
     include_skin_tones: bool = False,
     test_fraction: float = 0.1,
     font_path: str | None = None,
+    names: Sequence[str] | None = None,
+    renders: int = 1,
     **_render_opts: Any,
 ) -> int:
     """How many emoji `iter_emoji` would yield (upper bound: a glyph that renders blank is skipped
     there; none does in OpenMoji 17). Cheap: no rendering. Rendering options (size=, ...) are
     accepted and ignored so the same opts dict serves iter_source and count_source."""
     _check_split(split)
-    cat = _emoji_catalogue(font_path or emoji_font_path(), include_skin_tones)
-    return sum(1 for _, name in cat if emoji_split_of(name, test_fraction) == split)
+    items = _emoji_items(font_path or emoji_font_path(), include_skin_tones, names, renders, test_fraction)
+    return sum(1 for *_, item_split in items if item_split == split)
 
 
 # ---------------------------------------------------------------------------------------------

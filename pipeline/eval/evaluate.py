@@ -18,6 +18,12 @@ log = logging.getLogger(__name__)
 def split_images(cfg, split: str = "test", limit: int = 0) -> tuple[np.ndarray, dict]:
     """Real images of a split, decoded exactly as encode decodes them (same size and crop); rejects
     are left out. Returns (uint8 NHWC, identity of the set: shard names+sizes, size, count)."""
+    images, _, identity = split_records(cfg, split, limit)
+    return images, identity
+
+
+def split_records(cfg, split: str = "test", limit: int = 0) -> tuple[np.ndarray, list[str], dict]:
+    """split_images with each image's caption: (uint8 NHWC, captions, identity)."""
     from pipeline.data.encode import parse_shard
     from pipeline.data.shards import list_shards
 
@@ -25,7 +31,7 @@ def split_images(cfg, split: str = "test", limit: int = 0) -> tuple[np.ndarray, 
     shards = list_shards(prefix, cfg.data.format)
     if not shards:
         raise FileNotFoundError(f"no {cfg.data.format} shards under {prefix}: run `python -m jobs.ingest` first")
-    images, sizes = [], {}
+    images, captions, sizes = [], [], {}
     for uri in shards:
         data = storage.read_bytes(uri)
         sizes[uri.rsplit("/", 1)[-1]] = len(data)
@@ -34,13 +40,14 @@ def split_images(cfg, split: str = "test", limit: int = 0) -> tuple[np.ndarray, 
             array, _ = check_record(key, image, caption, cfg.data.image_size)
             if array is not None:
                 images.append(array)
+                captions.append(caption)
             if limit and len(images) >= limit:
                 break
         if limit and len(images) >= limit:
             break
     identity = {"raw_uri": cfg.raw_uri(), "split": split, "shards": sizes, "image_size": cfg.data.image_size,
                 "count": len(images), "limit": limit}
-    return np.stack(images), identity
+    return np.stack(images), captions, identity
 
 
 def reference_stats(cfg):

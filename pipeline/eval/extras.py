@@ -77,6 +77,47 @@ def prompt_accuracy(model, images: np.ndarray, prompts: list[str]) -> dict:
     return out
 
 
+def nearest_caption_accuracy(
+    images: np.ndarray, prompts: list[str], ref_images: np.ndarray, ref_captions: list[str], pool: int = 2
+) -> dict:
+    """Does each generated image look most like a real image of its own prompt? For every image whose
+    prompt is one of the reference captions, find the nearest reference image (L2 over pixels after
+    `pool` x `pool` average pooling, so a shift of a pixel costs little) and count a hit when its caption
+    is the prompt. A retrieval check for datasets that show each caption many times (the demo's emoji
+    renders); `chance` is the hit rate of a uniformly random reference image."""
+    counts: dict[str, int] = {}
+    for c in ref_captions:
+        counts[c] = counts.get(c, 0) + 1
+    idx = [i for i, p in enumerate(prompts) if p in counts]
+    if not idx:
+        return {"n": 0, "accuracy": None, "note": "no prompt is a reference caption"}
+
+    def features(x: np.ndarray) -> np.ndarray:
+        n, h, w, c = x.shape
+        x = x[:, : h // pool * pool, : w // pool * pool].astype(np.float32) / 255.0
+        return x.reshape(n, h // pool, pool, w // pool, pool, c).mean(axis=(2, 4)).reshape(n, -1)
+
+    ref = features(ref_images)
+    ref_sq = (ref * ref).sum(1)
+    nearest = []
+    for start in range(0, len(idx), 256):  # bounded memory: 256 x n_ref distances at a time
+        g = features(images[idx[start:start + 256]])
+        nearest.extend((ref_sq[None, :] - 2.0 * g @ ref.T).argmin(axis=1).tolist())
+    hits = [ref_captions[j] == prompts[i] for i, j in zip(idx, nearest)]
+    return {"n": len(idx), "accuracy": float(np.mean(hits)), "n_ref": len(ref_captions),
+            "chance": float(np.mean([counts[prompts[i]] / len(ref_captions) for i in idx])),
+            "nearest_captions": [ref_captions[j] for j in nearest]}
+
+
+def nearest_train_match(cfg, samples: dict[str, tuple[np.ndarray, list[str]]]) -> dict:
+    """nearest_caption_accuracy of each named (images, prompts) set against the first
+    eval.nearest_match_images training images."""
+    from pipeline.eval.evaluate import split_records
+
+    ref, captions, _ = split_records(cfg, "train", cfg.eval.nearest_match_images)
+    return {name: nearest_caption_accuracy(images, prompts, ref, captions) for name, (images, prompts) in samples.items()}
+
+
 def seen_prompt_samples(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str) -> dict:
     """eval.seen_prompt_images images from training captions evenly spaced over the split (keys group
     categories, so the first N would be one category): the denoiser on prompts it trained on."""

@@ -45,11 +45,15 @@ def build_report(cfg, gen: dict, stages: dict | None = None, out_uris: tuple[str
         "sampler": f"{gen['sampler']} x{gen['steps']}, guidance {gen['guidance_scale']}",
         "images/s": gen.get("images_per_s"),
     }
+    for name, label in (("samples", "samples"), ("seen_prompts", "training-prompt samples")):
+        match = (ev.get("nearest_match") or {}).get(name) or {}
+        if match.get("n"):
+            headline[f"nearest training image has the prompt, {label}"] = (
+                f"{match['accuracy']:.1%} of {match['n']} (chance {match['chance']:.1%})")
+    untrained = [k for k in ("text_encoder", "vae") if not gen.get("encoders", {}).get(k, {}).get("trained", True)]
     sections: list[dict] = [{
         "heading": "Summary",
-        "text": fid.get("note", "") + ("\n\n**Untrained encoders**: " + ", ".join(
-            k for k in ("text_encoder", "vae") if not gen.get("encoders", {}).get(k, {}).get("trained", True))
-            if gen.get("encoders") else ""),
+        "text": fid.get("note", "") + ("\n\n**Untrained encoders**: " + ", ".join(untrained) if untrained else ""),
         "table": [{"metric": k, "value": v} for k, v in headline.items() if v is not None],
     }]
     # Evenly spaced over the run rather than the first 48: prompts come sorted by key, and a
