@@ -27,6 +27,12 @@ def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
+# Metadata of fields added after cache keys were first written (Config.fingerprint): such a field is
+# hashed only when set to other than its default, so a newer version finds the latents that earlier
+# runs stored under the same settings, and resumes their checkpoints, instead of starting over.
+_ADDED_LATER = {"hash_when_set": True}
+
+
 @dataclass
 class RunSection:
     name: str = "tiny"
@@ -59,9 +65,9 @@ class DataSection:
     """Items per ingested shard."""
     source_dir: str = ""
     """fashion_mnist only: folder with the IDX files (empty: the Debian package's folder)."""
-    emoji_names: list[str] = field(default_factory=list)
+    emoji_names: list[str] = field(default_factory=list, metadata=_ADDED_LATER)
     """emoji only: ingest just these emoji, by their caption names (`grinning face`, `flag of Japan`). Empty: all ~1,900."""
-    emoji_renders: int = 1
+    emoji_renders: int = field(default=1, metadata=_ADDED_LATER)
     """emoji only: images per emoji. 1: the plain glyph, and test emoji are other emoji. More: seeded scaled/turned/moved renders, and the test split holds unseen renders of the training emoji."""
 
 
@@ -270,8 +276,14 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *sections: str) -> str:
-        """A short stable hash of the named sections (or of everything) and the seed."""
+        """A short stable hash of the named sections (or of everything) and the seed. Fields added later
+        (_ADDED_LATER) count only when set, so old keys stay valid."""
         d = self.to_dict()
+        for sec in dataclasses.fields(self):
+            for f in dataclasses.fields(getattr(self, sec.name)):
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+                if f.metadata.get("hash_when_set") and d[sec.name][f.name] == default:
+                    del d[sec.name][f.name]
         if sections:
             d = {s: d[s] for s in sections} | {"seed": self.run.seed}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

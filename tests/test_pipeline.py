@@ -149,7 +149,7 @@ def test_generate_job_evaluates_bound_and_sweeps(chain):
 
     cfg = config.load(TINY, chain["overrides"] + [
         "generate.num_images=8", "generate.steps=4", "eval.vlb_latents=8", "eval.vlb_timesteps=5", "eval.seen_prompt_images=4",
-        "eval.nearest_match_images=64", "eval.sweep_images=4", "eval.sweep_guidance=[1, 2]", "eval.sweep_samplers=[ddim:3, ddim:4]", "fid.batch_size=20"])
+        "eval.nearest_match_images=1000", "eval.sweep_images=4", "eval.sweep_guidance=[1, 2]", "eval.sweep_samplers=[ddim:3, ddim:4]", "fid.batch_size=20"])
     out = generate_job.run(cfg)
     ev = out["eval"]
     bits = ev["vlb"]["bits_per_dim"]
@@ -175,10 +175,10 @@ def test_generate_job_evaluates_bound_and_sweeps(chain):
     assert seen["prompts"][0] == train_captions[0] and seen["prompts"][-1] == train_captions[-1]
     assert set(seen["prompts"]) <= set(train_captions) and storage.exists(storage.join(seen["uri"], "metadata.parquet"))
     # Nearest-image check: the held-out prompts name emoji absent from train (left out, not misses);
-    # the training prompts are scored against the 64 training images searched.
+    # the training prompts are scored against all 65 good training images (fewer than the 1,000 asked).
     near = ev["nearest_match"]
     assert near["samples"]["n"] == 0 and near["samples"]["accuracy"] is None
-    assert near["seen_prompts"]["n"] == 4 and near["seen_prompts"]["n_ref"] == 64
+    assert near["seen_prompts"]["n"] == 4 and near["seen_prompts"]["n_ref"] == len(train_captions) == 65
     assert 0.0 <= near["seen_prompts"]["accuracy"] <= 1.0 and 0 < near["seen_prompts"]["chance"] < 0.1
     report = storage.read_bytes(storage.join(cfg.outputs_uri(), "report", "report.md")).decode()
     assert "## Samples for training prompts" in report and "(samples_seen_prompts.png)" in report

