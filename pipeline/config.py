@@ -246,7 +246,7 @@ class EvalSection:
     seen_prompt_images: int = 0
     """Also generate this many images from training captions (spread over the split) for a second grid in the report: what the denoiser learnt for prompts it saw, beside the configured (held-out) prompts (0: off)."""
     nearest_match_images: int = 0
-    """Search this many training images for each sample's nearest neighbour (pixels) and report how often its caption is the sample's prompt: whether samples look like the prompted thing, for datasets that repeat captions (0: off)."""
+    """Search the first this-many training images (shard order) for each sample's nearest neighbour (pixels) and report how often its caption is the sample's prompt: whether samples look like the prompted thing, for datasets that repeat captions (0: off)."""
     sweep_images: int = 0
     """Images per setting of the guidance and sampler sweeps (0: no sweeps)."""
     sweep_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
@@ -276,8 +276,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *sections: str) -> str:
-        """A short stable hash of the named sections (or of everything) and the seed. Fields added later
-        (_ADDED_LATER) count only when set, so old keys stay valid."""
+        """A short stable hash of the named sections (or of everything) and the seed. Fields marked
+        _ADDED_LATER count only when set, so keys written before they existed stay valid (the latents
+        key hashes data, text_encoder and vae, whose later fields are all marked)."""
         d = self.to_dict()
         for sec in dataclasses.fields(self):
             for f in dataclasses.fields(getattr(self, sec.name)):

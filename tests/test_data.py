@@ -367,6 +367,9 @@ def test_unknown_emoji_name_is_a_clear_error(tmp_path):
                       [f"run.storage={tmp_path}", "data.emoji_names=[fire, catface]", "data.emoji_renders=3"])
     with pytest.raises(config.ConfigError, match="data.emoji_names: .*'catface'.*'cat face'"):
         ingest.ingest(cfg)
+    one = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), [f"run.storage={tmp_path}", "data.emoji_names=[fire]"])
+    with pytest.raises(config.ConfigError, match="data.emoji_names / data.emoji_renders: .*split empty"):
+        ingest.ingest(one)  # one emoji drawn once is in train or in test, never both
     assert not os.path.exists(tmp_path / "datasets")  # nothing written
 
 

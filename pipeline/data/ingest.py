@@ -25,9 +25,15 @@ def source_options(cfg) -> dict:
     if cfg.data.source == "emoji" and (cfg.data.emoji_names or cfg.data.emoji_renders != 1):
         opts = {"names": list(cfg.data.emoji_names), "renders": cfg.data.emoji_renders}
         try:  # the sample generator is lazy: check the names here, against the key that set them
-            sources.count_source("emoji", "train", **opts)
+            counts = {split: sources.count_source("emoji", split, **opts) for split in sources.SPLITS}
         except ValueError as e:
             raise ConfigError(f"data.emoji_names: {e}") from None
+        empty = [split for split, n in counts.items() if n == 0]
+        if empty:
+            raise ConfigError(
+                f"data.emoji_names / data.emoji_renders: {len(cfg.data.emoji_names)} emoji x "
+                f"{cfg.data.emoji_renders} renders leave the {' and '.join(empty)} split empty "
+                f"({counts}); use more renders (each goes to test with probability 0.1) or more emoji")
         return opts
     return {}
 
@@ -42,7 +48,7 @@ def ingest(cfg) -> dict:
         settings = {"source": cfg.data.source, "split": split, "limit": limit, "format": cfg.data.format,
                     "shard_size": cfg.data.shard_size, "source_dir": cfg.data.source_dir}
         opts = source_options(cfg)
-        if opts:
+        if cfg.data.source == "emoji" and opts:  # only then: existing markers of other settings stay valid
             settings["options"] = opts
         marker = storage.join(prefix, storage.COMMIT_MARKER)
         if storage.exists(marker):

@@ -176,8 +176,8 @@ def render_emoji(
 
 
 # Render 0 of every emoji is the plain glyph; later renders are scaled, turned and moved by these
-# ranges: enough that no two renders share pixels, little enough that every one stays recognisable
-# and inside the frame (a 0.8-scaled glyph has ~10% margin on each side to move into).
+# ranges: enough that no two renders share pixels, little enough that every one stays recognisable.
+# Scale and shift are drawn independently, so a few renders (about 2%) touch the frame's edge.
 EMOJI_JITTER = {"scale": (0.8, 1.0), "degrees": (-12.0, 12.0), "shift": 0.07}
 
 

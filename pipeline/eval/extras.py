@@ -97,7 +97,7 @@ def nearest_caption_accuracy(
         x = x[:, : h // pool * pool, : w // pool * pool].astype(np.float32) / 255.0
         return x.reshape(n, h // pool, pool, w // pool, pool, c).mean(axis=(2, 4)).reshape(n, -1)
 
-    ref = features(ref_images)
+    ref = np.concatenate([features(ref_images[i:i + 512]) for i in range(0, len(ref_images), 512)])
     ref_sq = (ref * ref).sum(1)
     nearest = []
     for start in range(0, len(idx), 256):  # bounded memory: 256 x n_ref distances at a time
@@ -106,12 +106,13 @@ def nearest_caption_accuracy(
     hits = [ref_captions[j] == prompts[i] for i, j in zip(idx, nearest)]
     return {"n": len(idx), "accuracy": float(np.mean(hits)), "n_ref": len(ref_captions),
             "chance": float(np.mean([counts[prompts[i]] / len(ref_captions) for i in idx])),
-            "nearest_captions": [ref_captions[j] for j in nearest]}
+            "prompt_index": idx, "nearest_captions": [ref_captions[j] for j in nearest]}
 
 
 def nearest_train_match(cfg, samples: dict[str, tuple[np.ndarray, list[str]]]) -> dict:
     """nearest_caption_accuracy of each named (images, prompts) set against the first
-    eval.nearest_match_images training images."""
+    eval.nearest_match_images training images in shard order (prompts whose caption is not among
+    them are left out of `n`)."""
     from pipeline.eval.evaluate import split_records
 
     ref, captions, _ = split_records(cfg, "train", cfg.eval.nearest_match_images)
