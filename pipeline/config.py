@@ -220,7 +220,7 @@ class GenerateSection:
     use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
     """Give each generator actor a GPU: auto = when the cluster has GPUs."""
     grid_size: int = 64
-    """Images in the sample-grid PNG."""
+    """Images in the sample-grid PNG (one per distinct prompt first, spread over the run)."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pipeline.eval.report import (
     markdown_table,
     png_bytes,
     side_by_side,
+    spread_pick,
     versions,
     write_report,
 )
@@ -183,3 +184,15 @@ def test_line_chart_writes_example(tmp_path, log_y):
     img = line_chart({"loss": _curve(), "loss_q0": _curve(a=1.5)}, title="t", xlabel="step", ylabel="loss", log_y=log_y)
     Image.fromarray(img).save(tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_spread_pick_prefers_distinct_prompts():
+    prompts = [f"emoji {i // 4}" for i in range(256)]  # 64 prompts, 4 images each, grouped
+    pick = spread_pick(prompts, 48)
+    assert len(pick) == 48 and pick == sorted(pick)
+    assert len({prompts[i] for i in pick}) == 48  # 48 different emoji, not 12 four times
+    assert {prompts[i] for i in pick} >= {"emoji 0", "emoji 63"}  # spread over the whole run
+    few = ["a"] * 10 + ["b"] * 10 + ["c"] * 10  # fewer distinct prompts than k: all of them, then the rest
+    pick = spread_pick(few, 8)
+    assert len(pick) == 8 == len(set(pick)) and {few[i] for i in pick} == {"a", "b", "c"}
+    assert spread_pick(few, 100) == list(range(30)) and spread_pick([], 5) == []

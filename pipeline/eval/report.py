@@ -16,6 +16,27 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def spread_pick(prompts: list[str], k: int) -> list[int]:
+    """Up to k indices for a sample grid: one image per distinct prompt first, evenly spaced over the
+    run's distinct prompts, then (when there are fewer than k) more images evenly spaced over the rest.
+    Sorted. Prompts arrive grouped (by key, so by category or emoji), which makes the first k, or even
+    an even spacing, show the same few prompts again and again."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    distinct = sorted(first.values())
+
+    def spaced(items: list[int], n: int) -> list[int]:
+        if n <= 0 or not items:
+            return []
+        return [items[j] for j in np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int))]
+
+    pick = spaced(distinct, k)
+    chosen = set(pick)
+    pick += spaced([i for i in range(len(prompts)) if i not in chosen], k - len(pick))
+    return sorted(pick)
+
+
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
     """uint8 NxHxWx3 -> one uint8 image with the tiles on a white background, row by row."""
     n, h, w, c = images.shape

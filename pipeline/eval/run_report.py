@@ -56,12 +56,11 @@ def build_report(cfg, gen: dict, stages: dict | None = None, out_uris: tuple[str
         "text": fid.get("note", "") + ("\n\n**Untrained encoders**: " + ", ".join(untrained) if untrained else ""),
         "table": [{"metric": k, "value": v} for k, v in headline.items() if v is not None],
     }]
-    # Evenly spaced over the run rather than the first 48: prompts come sorted by key, and a
-    # dataset's keys group its categories (the emoji's first 48 test captions are mostly flags).
-    pick = np.unique(np.linspace(0, len(gen["images"]) - 1, min(len(gen["images"]), 48)).round().astype(int))
+    pick = rp.spread_pick(gen["prompts"], 48)
     held_out = " (held-out: the test split's captions)" if cfg.generate.prompts == "test" else ""
-    sections.append({"heading": "Samples", "text": f"{len(pick)} of the {len(gen['images'])} generated images, evenly "
-                     f"spaced, each under its prompt{held_out}; seed derived from its index.",
+    sections.append({"heading": "Samples", "text": f"{len(pick)} of the {len(gen['images'])} generated images, one per "
+                     f"distinct prompt where there are enough, spread over the run, each under its prompt{held_out}; "
+                     "seed derived from its index.",
                      "images": [("samples", rp.captioned_grid(gen["images"][pick], [gen["prompts"][i] for i in pick],
                                                               ncols=8, scale=2), "generated images and their prompts")]})
     seen = gen.get("seen_prompts")

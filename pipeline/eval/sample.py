@@ -136,7 +136,7 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     import pyarrow.parquet as pq
     import ray
 
-    from pipeline.eval.report import image_grid, png_bytes
+    from pipeline.eval.report import image_grid, png_bytes, spread_pick
 
     g = cfg.generate
     out = storage.join(cfg.outputs_uri(), out_name)
@@ -166,7 +166,7 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     buf = io.BytesIO()
     pq.write_table(meta, buf)
     storage.write_bytes(storage.join(out, "metadata.parquet"), buf.getvalue())
-    grid = image_grid(images[: g.grid_size])
+    grid = image_grid(images[spread_pick([str(r["prompt"]) for r in results], g.grid_size)])
     storage.write_bytes(storage.join(out, "grid.png"), png_bytes(grid))
     # The VAE's scaling factor makes the data's latents std ~1; samples far wider mean the sampler
     # diverged (as DDIM / DPM-Solver did on DDPM's linear schedule with a briefly trained model).
