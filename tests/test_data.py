@@ -350,8 +350,8 @@ def test_emoji_renders_of_chosen_emoji():
     diffs = [np.abs(a.astype(int) - b.astype(int)).mean() for i, a in enumerate(fire) for b in fire[i + 1:]]
     assert min(diffs) > 1.0
     # ...but each stays the same emoji: nearer its own plain glyph than the other emoji's
+    plain = {n: by_render[(n, 0)].astype(int) for n in names}
     for name in names:
-        plain = {n: by_render[(n, 0)].astype(int) for n in names}
         for r in range(1, 12):
             img = by_render[(name, r)].astype(int)
             assert min(plain, key=lambda n: np.abs(img - plain[n]).mean()) == name, (name, r)

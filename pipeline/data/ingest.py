@@ -43,11 +43,11 @@ def ingest(cfg) -> dict:
         print(f"ingest: data.source=shards: using your shards at {cfg.raw_uri()} as they are")
         return {}
     counts = {}
+    opts = source_options(cfg)  # checked once, before either split is touched
     for split, limit in (("train", cfg.data.n_train), ("test", cfg.data.n_test)):
         prefix = storage.join(cfg.raw_uri(), split)
         settings = {"source": cfg.data.source, "split": split, "limit": limit, "format": cfg.data.format,
                     "shard_size": cfg.data.shard_size, "source_dir": cfg.data.source_dir}
-        opts = source_options(cfg)
         if cfg.data.source == "emoji" and opts:  # only then: existing markers of other settings stay valid
             settings["options"] = opts
         marker = storage.join(prefix, storage.COMMIT_MARKER)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -85,9 +86,7 @@ def nearest_caption_accuracy(
     `pool` x `pool` average pooling, so a shift of a pixel costs little) and count a hit when its caption
     is the prompt. A retrieval check for datasets that show each caption many times (the demo's emoji
     renders); `chance` is the hit rate of a uniformly random reference image."""
-    counts: dict[str, int] = {}
-    for c in ref_captions:
-        counts[c] = counts.get(c, 0) + 1
+    counts = Counter(ref_captions)
     idx = [i for i, p in enumerate(prompts) if p in counts]
     if not idx:
         return {"n": 0, "accuracy": None, "note": "no prompt is a reference caption"}

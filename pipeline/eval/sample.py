@@ -155,9 +155,10 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     results = sorted(ds.take_all(), key=lambda r: int(r["index"]))
     seconds = time.perf_counter() - t0
     images = np.stack([r["image"] for r in results])
+    result_prompts = [str(r["prompt"]) for r in results]
     meta = pa.table({
         "key": [str(r["key"]) for r in results],
-        "prompt": [str(r["prompt"]) for r in results],
+        "prompt": result_prompts,
         "seed": [int(r["seed"]) for r in results],
         "sampler": [g.sampler] * len(results),
         "steps": [g.steps] * len(results),
@@ -166,7 +167,7 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     buf = io.BytesIO()
     pq.write_table(meta, buf)
     storage.write_bytes(storage.join(out, "metadata.parquet"), buf.getvalue())
-    grid = image_grid(images[spread_pick([str(r["prompt"]) for r in results], g.grid_size)])
+    grid = image_grid(images[spread_pick(result_prompts, g.grid_size)])
     storage.write_bytes(storage.join(out, "grid.png"), png_bytes(grid))
     # The VAE's scaling factor makes the data's latents std ~1; samples far wider mean the sampler
     # diverged (as DDIM / DPM-Solver did on DDPM's linear schedule with a briefly trained model).
@@ -183,4 +184,4 @@ def generate(cfg, manifest: dict, checkpoint_uri: str, latents_uri: str, out_nam
     }
     storage.write_json(storage.join(out, "generate.json"), info)
     print(f"generate: {info['n']} images at {info['images_per_s']} images/s -> {out}")
-    return {**info, "images": images, "prompts": [str(r["prompt"]) for r in results], "grid_png": png_bytes(grid)}
+    return {**info, "images": images, "prompts": result_prompts, "grid_png": png_bytes(grid)}
