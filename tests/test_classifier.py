@@ -161,7 +161,7 @@ def test_load_or_train_caches(tmp_path, one_thread):
         calls["test"] += 1
         return x[:20], y[:20]
 
-    uri = str(tmp_path / "cache" / "classifier.pt")
+    uri = str(tmp_path / "cache" / "classifier.safetensors")
     identity = {"dataset": "synthetic", "n": 40}
     kw = dict(epochs=1, batch_size=16, lr=1e-3)
     m1, info1 = clf.load_or_train(uri, identity, data_fn, test_fn, **kw)
@@ -182,9 +182,18 @@ def test_load_or_train_caches(tmp_path, one_thread):
     assert not info5["cached"] and calls["data"] == 3  # training settings are part of the identity
 
     with open(uri, "wb") as f:
-        f.write(b"not a torch file")
+        f.write(b"not a safetensors file")
     _, info6 = clf.load_or_train(uri, identity, data_fn, **kw)
     assert not info6["cached"] and calls["data"] == 4
+
+    # Weights changed at equal size: still a readable cache object, but its recorded hash refuses it.
+    data = bytearray(open(uri, "rb").read())
+    data[-32:] = bytes(b ^ 0x55 for b in data[-32:])
+    with open(uri, "wb") as f:
+        f.write(bytes(data))
+    clf._decode_cache(bytes(data))  # parses: the fault would go unnoticed without the hash
+    _, info7 = clf.load_or_train(uri, identity, data_fn, **kw)
+    assert not info7["cached"] and calls["data"] == 5
 
     with pytest.raises(TypeError):
         clf.load_or_train(uri, identity, data_fn, epoch=1)

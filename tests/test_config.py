@@ -1,13 +1,17 @@
 """Config loading: named configs validate, overrides apply, bad keys/values name what is allowed."""
 
+import dataclasses
 import glob
+import json
 import os
+import typing
 
 import pytest
 
 from pipeline import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
@@ -41,12 +45,12 @@ def test_overrides_are_typed_and_applied():
         (["trian.steps=5"], ["trian", "train", "generate"]),
         (["generate.sampler=euler"], ["generate.sampler", "ddpm", "ddim", "dpm"]),
         (["train.steps=abc"], ["train.steps", "integer"]),
-        (["train.steps=0"], ["train.steps", "> 0"]),
+        (["train.steps=0"], ["train.steps", ">= 1", "got 0"]),
         (["train.num_workers=3"], ["train.batch_size", "train.num_workers"]),
         (["data.source=imagenet"], ["data.source", "emoji", "fashion_mnist", "shards"]),
         (["data.source=shards"], ["data.input_uri"]),
         (["data.source=fashion_mnist", "data.emoji_renders=5"], ["data.emoji_renders", "emoji", "fashion_mnist"]),
-        (["data.emoji_renders=0"], ["data.emoji_renders", "> 0"]),
+        (["data.emoji_renders=0"], ["data.emoji_renders", ">= 1", "got 0"]),
         (["train.cond_dropout=1.5"], ["train.cond_dropout"]),
         (["vae.norm_num_groups=7"], ["vae.norm_num_groups", "block_out_channels"]),
         (["generate.steps=5000"], ["generate.steps", "num_train_timesteps"]),
@@ -116,3 +120,192 @@ def test_fields_added_later_keep_earlier_cache_keys():
     emoji = config.load(os.path.join(ROOT, "configs", "tiny.yaml"))
     more = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), ["data.emoji_renders=5"])
     assert emoji.fingerprint("data") != more.fingerprint("data")
+
+
+# --- every field checked up front -------------------------------------------------------------------
+
+# The only fields that declare no constraint: any value of their type is fine here (what they name is
+# looked up later, or a cross-field check in config.validate decides). Keep this list short.
+FREE_FORM = {
+    "data.input_uri",  # any URI; empty: <storage>/datasets/<source> (required for shards: a cross-field check)
+    "data.source_dir",  # any folder; empty: the Debian package's
+    "data.emoji_names",  # free text, matched against the emoji names by ingest (which has the list)
+    "text_encoder.pretrained",  # hub id, path or package:NAME; empty: the random tiny T5
+    "vae.pretrained",  # path, URI or hub id; required with vae.source=pretrained (a cross-field check)
+    "fid.enabled",  # bools: both values are fine
+    "eval.report",
+}
+CONSTRAINTS = ("choices", "range", "nonempty", "pattern")
+
+
+def _fields():
+    """(section.key, type, metadata) of every field of every section of config.Config."""
+    hints = typing.get_type_hints(config.Config)
+    for sec in dataclasses.fields(config.Config):
+        types = typing.get_type_hints(hints[sec.name])
+        for f in dataclasses.fields(hints[sec.name]):
+            yield f"{sec.name}.{f.name}", types[f.name], f.metadata
+
+
+def _is_numeric(tp) -> bool:
+    return tp in (int, float) or (typing.get_origin(tp) is list and typing.get_args(tp)[0] in (int, float))
+
+
+def _violations(tp, meta, current):
+    """Values that break what the field's metadata declares: below the minimum, above the maximum, NaN,
+    not a choice, not matching the pattern (as a list's last entry, for a list), empty."""
+    is_list = typing.get_origin(tp) is list
+    bad = []
+    if meta.get("choices"):
+        bad.append("no-such-choice")
+    r = meta.get("range")
+    if r is not None:
+        if r.lo is not None:
+            bad.append(r.lo if r.lo_open else r.lo - 1)
+        if r.hi is not None:
+            bad.append(r.hi if r.hi_open else r.hi + 1)
+        if float in (tp, *typing.get_args(tp)):
+            bad.append(float("nan"))
+    if meta.get("pattern"):
+        bad += ["a/b", "../up", "-x"]
+    out = [[*current, b] for b in bad] if is_list else bad
+    if meta.get("nonempty"):
+        out.append([] if is_list else "")
+    return out
+
+
+def _violation_cases():
+    tiny = config.load(TINY)
+    for key, tp, meta in _fields():
+        section, name = key.split(".")
+        for value in _violations(tp, meta, getattr(getattr(tiny, section), name)):
+            yield pytest.param(key, f"{key}={json.dumps(value).replace('NaN', '.nan')}", id=f"{key}={value!r}")
+
+
+def test_every_field_declares_what_it_allows():
+    """A new field must say what it allows (a number: its range), or be added to FREE_FORM with why."""
+    keys = set()
+    for key, tp, meta in _fields():
+        keys.add(key)
+        declared = [c for c in CONSTRAINTS if c in meta]
+        if key in FREE_FORM:
+            assert not declared and not _is_numeric(tp), f"{key} is in FREE_FORM but declares {declared}"
+            continue
+        assert declared, f"{key}: declare what it allows (_at_least, _above, _between, _choices, _nonempty, ...)"
+        if _is_numeric(tp):
+            assert "range" in meta, f"{key}: a number needs a range (_at_least, _above, _between)"
+        assert _violations(tp, meta, []), key
+    assert FREE_FORM <= keys, FREE_FORM - keys
+
+
+@pytest.mark.parametrize("key, override", list(_violation_cases()))
+def test_a_value_outside_a_fields_constraint_names_the_key(key, override):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(TINY, [override])
+    assert str(e.value).startswith((f"{key}:", f"{key}[")), str(e.value)  # the field's own check, first
+
+
+def test_range_bounds_themselves_pass_the_field_checks():
+    """The closed ends of every range are allowed (no range is tighter than it says)."""
+    cfg = config.load(TINY)
+    for key, tp, meta in _fields():
+        r = meta.get("range")
+        ends = [] if r is None else [(r.lo, r.lo_open), (r.hi, r.hi_open)]
+        for bound in [b for b, is_open in ends if b is not None and not is_open]:
+            section, name = key.split(".")
+            value = [bound] if typing.get_origin(tp) is list else bound
+            sec = dataclasses.replace(getattr(cfg, section), **{name: value})
+            config.check_fields(dataclasses.replace(cfg, **{section: sec}))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("generate.batch_size=0", "generate.batch_size: must be >= 1, got 0"),
+        ("fid.batch_size=0", "fid.batch_size: must be >= 1, got 0"),
+        ("train.num_to_keep=0", "train.num_to_keep: must be >= 1, got 0"),
+        ("encode.num_actors=0", "encode.num_actors: must be >= 1, got 0"),
+        ("train.warmup_steps=-5", "train.warmup_steps: must be >= 0, got -5"),
+        ("text_encoder.max_length=0", "text_encoder.max_length: must be >= 1, got 0"),
+        ("data.image_size=4", "data.image_size: must be >= 8, got 4"),
+        ("run.storage=", "run.storage: must not be empty"),
+        ("run.storage='  '", "run.storage: must not be empty"),
+        ("run.name=", "run.name: must not be empty"),
+        ("run.name=a/b", "run.name: 'a/b' is not allowed; use letters, digits"),
+        ("run.name=..", "run.name: '..' is not allowed"),
+        ("run.name=../other", "run.name: '../other' is not allowed"),
+        # diffusion.ScheduleConfig needs T >= 2; named before the generate.steps <= T comparison
+        ("schedule.num_train_timesteps=0", "schedule.num_train_timesteps: must be >= 2, got 0"),
+        ("schedule.num_train_timesteps=1", "schedule.num_train_timesteps: must be >= 2, got 1"),
+        ("schedule.beta_end=1.0", "schedule.beta_end: must be in (0, 1), got 1.0"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps: must be >= 1, got 0"),
+        ("vae_train.max_nonfinite_steps=-1", "vae_train.max_nonfinite_steps: must be >= 1, got -1"),
+        ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+        ("train.lr=.nan", "train.lr: must be a finite number > 0, got nan"),
+        ("train.cond_dropout=1.0", "train.cond_dropout: must be in [0, 1), got 1.0"),
+        ("generate.guidance_scale=-1", "generate.guidance_scale: must be >= 0, got -1.0"),
+        ("vae.block_out_channels=[]", "vae.block_out_channels: must not be empty"),
+        ("denoiser.block_out_channels=[16, 0]", "denoiser.block_out_channels[1]: must be >= 1, got 0"),
+        ("eval.sweep_guidance=[1.0, -2.0]", "eval.sweep_guidance[1]: must be >= 0, got -2.0"),
+        ("eval.sweep_samplers=[ddim:50, euler:10]", "eval.sweep_samplers[1]: 'euler:10' is not allowed; use sampler:steps"),
+        ("eval.sweep_samplers=[ddim:0]", "eval.sweep_samplers[0]: 'ddim:0' is not allowed"),
+    ],
+)
+def test_bad_value_names_its_key_and_what_is_allowed(override, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(TINY, [override])
+    assert message in str(e.value), str(e.value)
+    assert "generate.steps" not in str(e.value)  # T=0 used to trip the generate.steps comparison instead
+
+
+@pytest.mark.parametrize(
+    "overrides, must_mention",
+    [
+        (["schedule.beta_start=0.9", "schedule.beta_end=0.5"], ["schedule.beta_start", "schedule.beta_end", "0.9", "0.5"]),
+        (["data.image_size=17"], ["data.image_size", "divisible by 2", "vae.block_out_channels", "17"]),
+        (["data.image_size=18", "vae.block_out_channels=[16, 32, 32]"], ["data.image_size", "divisible by 4", "18"]),
+        (["eval.sweep_samplers=[ddpm:2000]"], ["eval.sweep_samplers", "ddpm:2000", "schedule.num_train_timesteps"]),
+        (["text_encoder.num_heads=64"], ["text_encoder.num_heads", "text_encoder.d_model"]),
+    ],
+)
+def test_cross_field_checks_name_both_keys(overrides, must_mention):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(TINY, overrides)
+    for word in must_mention:
+        assert word in str(e.value), (word, str(e.value))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["schedule.beta_start=0.01", "schedule.beta_end=0.01"],  # constant betas: diffusion.ScheduleConfig accepts them
+        ["schedule.beta_schedule=squaredcos_cap_v2", "schedule.beta_start=0.9", "schedule.beta_end=0.5"],  # ignored
+        ["data.image_size=17", "vae.source=pretrained", "vae.pretrained=some/vae"],  # factor unknown until loaded
+        ["text_encoder.pretrained=some/t5", "text_encoder.num_heads=64"],  # the tiny T5's sizes are unused
+        ["schedule.num_train_timesteps=10", "eval.sweep_samplers=[ddpm:10]", "train.shuffle_buffer=0"],
+    ],
+)
+def test_cross_field_checks_allow_what_works(overrides):
+    config.load(TINY, overrides)
+
+
+def test_describe_shows_each_fields_constraint():
+    text = config.describe()
+    assert "Committed checkpoints kept; older ones are deleted only after a newer one is committed. At least 1. |" in text
+    assert "(classifier-free guidance). In [0, 1). |" in text
+    assert "or a local folder). Must not be empty. |" in text
+    assert "Must not be empty. Each entry: at least 1. |" in text
+    assert "| `lr` | `0.0002` | AdamW peak learning rate. Greater than 0. |" in text
+
+
+def test_max_nonfinite_steps_keeps_earlier_fingerprints():
+    """max_nonfinite_steps came after checkpoints and latents were keyed by fingerprint(): at its default
+    it must not move them (literals computed before the field existed)."""
+    cfg = config.load(TINY)
+    assert cfg.train.max_nonfinite_steps == cfg.vae_train.max_nonfinite_steps == 10
+    assert (cfg.fingerprint(), cfg.fingerprint("train"), cfg.fingerprint("vae_train")) == (
+        "ef0e5f65795d", "1eeca43eb6c1", "7e844b1f0628")
+    assert config.load(os.path.join(ROOT, "configs", "fashion_mnist.yaml")).fingerprint() == "638704f26961"
+    changed = config.load(TINY, ["train.max_nonfinite_steps=3"])
+    assert changed.fingerprint("train") != cfg.fingerprint("train")
+    assert changed.fingerprint("data", "text_encoder", "vae") == cfg.fingerprint("data", "text_encoder", "vae")

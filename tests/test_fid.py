@@ -213,6 +213,15 @@ def test_cached_reference_stats(tmp_path):
     assert len(calls) == 2 and third.identity["n"] == 5
     assert fid.FeatureStats.from_bytes(open(uri, "rb").read()).identity["n"] == 5
 
+    # Replaced by other, well-formed statistics under the same identity (np.load's zip CRC cannot tell):
+    # the recorded hash refuses them and they are recomputed.
+    forged = fid.FeatureStats(mu=third.mu + 1.0, sigma=third.sigma, count=third.count, identity=third.identity)
+    with open(uri, "wb") as f:
+        f.write(forged.to_bytes())
+    assert fid.FeatureStats.from_bytes(open(uri, "rb").read()).identity == third.identity  # the fault parses
+    fourth = fid.cached_reference_stats(uri, {**identity, "n": 5}, images_fn)
+    assert len(calls) == 3 and np.array_equal(fourth.mu, third.mu)
+
 
 def test_cache_with_other_recipe_is_recomputed(tmp_path):
     uri = str(tmp_path / "stats.npz")

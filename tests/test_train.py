@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.train.checkpoint import IncompleteCheckpoint, load_checkpoint
+from pipeline.train.checkpoint import TENSORS_FILE, IncompleteCheckpoint, load_checkpoint
 from pipeline.train.loop import latest_local_checkpoint, train_locally
 from pipeline.train.step import build_train_state, train_step
 
@@ -75,19 +75,78 @@ def test_partial_checkpoint_is_never_trusted(tmp_path):
     train_locally(_cfg("train.steps=4"), MANIFEST, *NULL, _data(), str(tmp_path))
     good = latest_local_checkpoint(str(tmp_path))
     assert good.endswith("checkpoint_00000004")
-    # A crash while writing step 8: state.pt half-written, manifest never written.
+    # A crash while writing step 8: the tensors half-written, manifest never written.
     broken = tmp_path / "checkpoint_00000008"
     broken.mkdir()
-    (broken / "state.pt").write_bytes(b"\x80partial")
-    with pytest.raises(IncompleteCheckpoint):
+    (broken / TENSORS_FILE).write_bytes(b"\x80partial")
+    with pytest.raises(IncompleteCheckpoint, match="never completed"):
         load_checkpoint(str(broken))
     assert latest_local_checkpoint(str(tmp_path)) == good
     # Truncation after the manifest was written (e.g. a bad copy) is caught by the size check.
-    state_file = os.path.join(good, "state.pt")
-    with open(state_file, "r+b") as f:
+    with open(os.path.join(good, TENSORS_FILE), "r+b") as f:
         f.truncate(100)
     with pytest.raises(IncompleteCheckpoint, match="truncated"):
         load_checkpoint(good)
+
+
+def _flip_middle(path, n=256):
+    """Invert n bytes in the middle of a file, keeping its size."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(n)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    assert os.path.getsize(path) == size
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_intact_older_one(tmp_path, fault):
+    """A committed checkpoint whose bytes changed (256 bytes flipped at equal size, or truncated) is
+    refused by its sha256/size, reported, and training resumes from the older intact one: the run
+    still ends bit-identical to an uninterrupted one."""
+    data = _data()
+    straight = train_locally(_cfg("train.steps=12"), MANIFEST, *NULL, data, str(tmp_path / "a"))
+    out = tmp_path / "b"
+    train_locally(_cfg("train.steps=8"), MANIFEST, *NULL, data, str(out))
+    newest = out / "checkpoint_00000008" / TENSORS_FILE
+    before = newest.read_bytes()
+    if fault == "flip":
+        _flip_middle(newest)
+    else:
+        with open(newest, "r+b") as f:
+            f.truncate(len(before) // 2)
+    assert newest.read_bytes() != before  # the fault is real
+    with pytest.raises(IncompleteCheckpoint, match="sha256" if fault == "flip" else "truncated"):
+        load_checkpoint(str(newest.parent))
+    assert latest_local_checkpoint(str(out)).endswith("checkpoint_00000004")
+    resumed = train_locally(_cfg("train.steps=12"), MANIFEST, *NULL, data, str(out))
+    assert [m["step"] for m in resumed] == [6, 8, 10, 12]  # from step 4, not 8 and not 0
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight[2:]]
+    a, _ = load_checkpoint(str(tmp_path / "a" / "checkpoint_00000012"))
+    b, _ = load_checkpoint(str(out / "checkpoint_00000012"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_checkpoint_files_are_safetensors_and_json(tmp_path):
+    """Nothing pickled: the folder holds exactly the safetensors file, the JSON state and the manifest
+    (with each file's size and sha256), and the JSON state round-trips the optimizer and RNG."""
+    import json
+
+    from pipeline.train.checkpoint import MANIFEST_FILE, STATE_FILE, sha256_file
+
+    train_locally(_cfg("train.steps=4"), MANIFEST, *NULL, _data(), str(tmp_path))
+    folder = tmp_path / "checkpoint_00000004"
+    assert sorted(os.listdir(folder)) == sorted([TENSORS_FILE, STATE_FILE, MANIFEST_FILE])
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    for name in (TENSORS_FILE, STATE_FILE):
+        assert manifest["files"][name] == {"size": os.path.getsize(folder / name), "sha256": sha256_file(folder / name)}
+    json.loads((folder / STATE_FILE).read_text())  # plain JSON
+    state, _ = load_checkpoint(str(folder))
+    assert state["step"] == 4 and isinstance(state["optimizer"]["state"], dict)
+    assert all(isinstance(k, int) for k in state["optimizer"]["state"])  # int keys survive JSON
+    assert isinstance(state["rng"]["python"], tuple) and state["rng"]["numpy"][0] == "MT19937"
+    assert state["rng"]["torch"].dtype == torch.uint8
 
 
 def test_caption_dropout_uses_the_empty_caption():
@@ -106,22 +165,26 @@ def test_caption_dropout_uses_the_empty_caption():
 
 def test_storage_checkpoint_listing_skips_unfinished_ones(tmp_path):
     """What `fit` resumes and `generate`/bench/fid_curve.py read: only checkpoints whose manifest
-    exists and whose files have the sizes it records, ordered by step (not by folder name)."""
+    exists and whose files have the sizes it records, ordered by step (not by folder name); the
+    newest that also passes its sha256 is the one used."""
     from pipeline.train.checkpoint import save_checkpoint
+    from pipeline.train.checkpoint_store import remove_incomplete
     from pipeline.train.trainer import complete_checkpoints, latest_checkpoint_uri
 
     cfg = _cfg(f"run.storage={tmp_path}")
     run_dir = tmp_path / "checkpoints" / cfg.run.name
     assert latest_checkpoint_uri(cfg) is None
     # Ray names folders by wall time, so names do not sort by step: "b" holds the earlier step.
-    save_checkpoint(str(run_dir / "checkpoint_b"), {"w": torch.zeros(3)}, {"step": 4})
-    save_checkpoint(str(run_dir / "checkpoint_a"), {"w": torch.zeros(3)}, {"step": 8})
-    save_checkpoint(str(run_dir / "checkpoint_c"), {"w": torch.zeros(3)}, {"step": 12})
-    with open(run_dir / "checkpoint_c" / "state.pt", "r+b") as f:
+    for name, step in (("b", 4), ("a", 8), ("c", 12), ("e", 16)):
+        save_checkpoint(str(run_dir / f"checkpoint_{name}"), {"w": torch.full((300,), float(step))}, {"step": step})
+    with open(run_dir / "checkpoint_c" / TENSORS_FILE, "r+b") as f:
         f.truncate(10)  # a bad copy after the manifest
+    _flip_middle(run_dir / "checkpoint_e" / TENSORS_FILE, n=16)  # bit rot at equal size
     (run_dir / "checkpoint_d").mkdir()  # a crash before the manifest
-    (run_dir / "checkpoint_d" / "state.pt").write_bytes(b"\x80partial")
+    (run_dir / "checkpoint_d" / TENSORS_FILE).write_bytes(b"\x80partial")
     found = complete_checkpoints(cfg)
     assert [(step, os.path.basename(uri.rstrip("/"))) for step, uri in found] == [
-        (4, "checkpoint_b"), (8, "checkpoint_a")]
-    assert latest_checkpoint_uri(cfg) == found[-1][1]
+        (4, "checkpoint_b"), (8, "checkpoint_a"), (16, "checkpoint_e")]
+    assert os.path.basename(latest_checkpoint_uri(cfg)) == "checkpoint_a"  # e fails its sha256
+    assert [os.path.basename(u) for u in remove_incomplete(str(run_dir))] == ["checkpoint_d"]
+    assert sorted(os.listdir(run_dir)) == ["checkpoint_a", "checkpoint_b", "checkpoint_c", "checkpoint_e"]

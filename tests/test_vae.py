@@ -89,3 +89,21 @@ def test_export_round_trip_sets_the_measured_scaling_factor(tmp_path):
     assert float(z.std()) == pytest.approx(1.0, rel=1e-3)  # scaled latents have unit std on that sample
     # The latent dataset's location follows the exported weights, so retraining never reuses stale latents.
     assert cfg.latents_uri() != uri_before
+
+
+def test_a_tampered_export_is_refused(tmp_path):
+    """Bytes of the exported weights changed at equal size: the file still loads as safetensors (the
+    fault would pass unnoticed), but the hash in _COMMITTED refuses it."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(f"run.storage={tmp_path}")
+    vae, _ = build_vae(cfg.vae, 0, 16, trainable=True, force_random=True)
+    export_vae(vae.eval(), cfg.vae_export_uri(), 1.0, {})
+    weights = os.path.join(cfg.vae_export_uri(), "diffusion_pytorch_model.safetensors")
+    data = bytearray(open(weights, "rb").read())
+    data[-64:] = bytes(b ^ 0x55 for b in data[-64:])  # inside the last tensor's values
+    with open(weights, "wb") as f:
+        f.write(bytes(data))
+    load_file(weights)  # still a valid safetensors file
+    with pytest.raises(storage.CorruptArtifact, match="do not match the sha256"):
+        build_vae(cfg.vae, 0, 16, export_uri=cfg.vae_export_uri())

@@ -14,6 +14,7 @@ images spill to the object store's disk; see the README's known gaps.)
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 
@@ -105,15 +106,32 @@ class EncodeLatents:
     def __call__(self, batch: dict) -> dict:
         from pipeline.models.vae import encode_images
 
-        latents = encode_images(self.vae, batch["image"], self.device)
+        latents = encode_images(self.vae, batch["image"], self.device).float().cpu().numpy()
         emb, mask = self.text.encode([str(c) for c in batch["caption"]], self.device)
+        emb = emb.float().cpu().numpy().astype(np.float16)
         return {
             "key": batch["key"],
+            "source": batch["source"],
             "caption": batch["caption"],
-            "latent": latents.float().cpu().numpy(),
-            "text_emb": emb.float().cpu().numpy().astype(np.float16),
+            "latent": latents,
+            "text_emb": emb,
             "text_mask": mask.cpu().numpy().astype(np.int8),
+            "reason": nonfinite_reasons(latents, emb),
         }
+
+
+def nonfinite_reasons(latents: np.ndarray, text_emb: np.ndarray) -> list[str]:
+    """Per row: '' or the nonfinite_latent reason (a NaN/Inf latent, or a text embedding that overflowed
+    float16), so such rows go to the rejects table instead of into training."""
+    out = []
+    for lat, emb in zip(latents, text_emb):
+        if not np.isfinite(lat).all():
+            out.append(f"{schema.REASON_NONFINITE_LATENT}: the VAE gave NaN/Inf")
+        elif not np.isfinite(emb).all():
+            out.append(f"{schema.REASON_NONFINITE_LATENT}: the text embedding is NaN/Inf in float16")
+        else:
+            out.append("")
+    return out
 
 
 # ---- Driver ---------------------------------------------------------------------------------------
@@ -143,22 +161,28 @@ def encode_split(cfg, split: str, out_uri: str, use_gpu: bool) -> dict:
     decoded = raw.map_batches(decode_batch, fn_kwargs={"image_size": cfg.data.image_size},
                               batch_size=256, batch_format="numpy").materialize()
     n_in = decoded.count()
-    rejects = decoded.filter(lambda r: r["reason"] != "").select_columns(["key", "source", "reason"])
-    good = decoded.filter(lambda r: r["reason"] == "").select_columns(["key", "caption", "image"])
-    rejects_rows = rejects.take_all()
-    reject_uri = storage.join(out_uri, "rejects", split)
+    reject_cols = ["key", "source", "reason"]
+    rejects_rows = decoded.filter(lambda r: r["reason"] != "").select_columns(reject_cols).take_all()
+    good = decoded.filter(lambda r: r["reason"] == "").select_columns(["key", "source", "caption", "image"])
+    n_encoded = 0
+    if good.count():
+        # Materialized once, like the decoded rows: latents the encoders made non-finite become
+        # rejects (from the same pass), and only finite rows are written.
+        encoded = good.map_batches(
+            EncodeLatents,
+            fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
+            batch_size=cfg.encode.batch_size,
+            concurrency=cfg.encode.num_actors,
+            num_gpus=1 if use_gpu else 0,
+            batch_format="numpy",
+        ).materialize()
+        rejects_rows += encoded.filter(lambda r: r["reason"] != "").select_columns(reject_cols).take_all()
+        finite = encoded.filter(lambda r: r["reason"] == "").drop_columns(["reason", "source"])
+        if finite.count():
+            finite.write_parquet(storage.ray_path(storage.join(out_uri, split)))
+            n_encoded = ray.data.read_parquet(storage.ray_path(storage.join(out_uri, split))).count()
     if rejects_rows:
-        ray.data.from_items(rejects_rows).repartition(1).write_parquet(storage.ray_path(reject_uri))
-    encoded = good.map_batches(
-        EncodeLatents,
-        fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
-        batch_size=cfg.encode.batch_size,
-        concurrency=cfg.encode.num_actors,
-        num_gpus=1 if use_gpu else 0,
-        batch_format="numpy",
-    )
-    encoded.write_parquet(storage.ray_path(storage.join(out_uri, split)))
-    n_encoded = ray.data.read_parquet(storage.ray_path(storage.join(out_uri, split))).count() if good.count() else 0
+        ray.data.from_items(rejects_rows).repartition(1).write_parquet(storage.ray_path(storage.join(out_uri, "rejects", split)))
     by_reason: dict[str, int] = {}
     for r in rejects_rows:
         code = schema.reason_code(r["reason"])
@@ -181,7 +205,11 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
 
     out = cfg.latents_uri()
     if storage.is_committed(out) and not force:
-        manifest = storage.read_json(storage.join(out, "manifest.json"))
+        try:
+            manifest = load_manifest(out)
+        except storage.CorruptArtifact as e:
+            log.error("encode: NOT reusing %s: %s; encoding again", out, e)
+            manifest = {"splits": {}}
         if set(splits) <= set(manifest["splits"]):
             log.info("encode: %s already committed, reusing it", out)
             print(f"encode: reusing committed latents at {out}")
@@ -212,21 +240,36 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
         "seconds": round(time.time() - t0, 2),
         "torch": torch.__version__,
     }
+    manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
     storage.write_bytes(storage.join(out, "null_text.npz"), buf.getvalue())
-    storage.write_json(storage.join(out, "manifest.json"), manifest)
-    storage.write_commit_marker(out, {"n_encoded": manifest["n_encoded"]})
+    storage.write_bytes(storage.join(out, "manifest.json"), manifest_bytes)
+    # The marker, last, records the hashes of the small files every later stage reads back.
+    storage.write_commit_marker(out, {"n_encoded": manifest["n_encoded"], "sha256": {
+        "manifest.json": storage.sha256_bytes(manifest_bytes), "null_text.npz": storage.sha256_bytes(buf.getvalue())}})
     if untrained:
         which = [n for n, ident in (("T5 text encoder", text.identity), ("VAE", vae_identity)) if not ident["trained"]]
         print(f"encode: NOTE the {' and the '.join(which)} {'is' if len(which) == 1 else 'are'} UNTRAINED (random init)")
     return manifest
 
 
+def _read_committed(latents_uri: str, name: str) -> bytes:
+    """A small file of a committed latent dataset, checked against the hash in its `_COMMITTED`."""
+    if not storage.is_committed(latents_uri):
+        raise FileNotFoundError(f"no committed latent dataset at {latents_uri}: run `python -m jobs.encode` first")
+    want = storage.read_json(storage.join(latents_uri, storage.COMMIT_MARKER)).get("sha256", {}).get(name)
+    data = storage.read_bytes(storage.join(latents_uri, name))
+    if want is None or storage.sha256_bytes(data) != want:
+        raise storage.CorruptArtifact(
+            f"{latents_uri}/{name} does not match the sha256 in its {storage.COMMIT_MARKER} (corrupted, or "
+            "written by an older version): delete the folder and run `python -m jobs.encode` again"
+        )
+    return data
+
+
 def load_null_text(latents_uri: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(storage.read_bytes(storage.join(latents_uri, "null_text.npz")))) as z:
+    with np.load(io.BytesIO(_read_committed(latents_uri, "null_text.npz")), allow_pickle=False) as z:
         return z["emb"], z["mask"]
 
 
 def load_manifest(latents_uri: str) -> dict:
-    if not storage.is_committed(latents_uri):
-        raise FileNotFoundError(f"no committed latent dataset at {latents_uri}: run `python -m jobs.encode` first")
-    return storage.read_json(storage.join(latents_uri, "manifest.json"))
+    return json.loads(_read_committed(latents_uri, "manifest.json"))

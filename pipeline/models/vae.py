@@ -32,7 +32,7 @@ def build_vae(cfg, seed: int, image_size: int, device: str | torch.device = "cpu
             raise FileNotFoundError(
                 f"vae.source is 'trained' but no committed VAE export at {export_uri!r}: run `python -m jobs.train_vae` first"
             )
-        vae = _from_pretrained(AutoencoderKL, where)
+        vae = _from_pretrained(AutoencoderKL, where, verified_export=source == "trained")
         identity = {"name": where, "trained": True, "source": source,
                     "scaling_factor": float(vae.config.scaling_factor)}
         if source == "trained":
@@ -77,19 +77,25 @@ def build_vae_for(cfg, device: str | torch.device = "cpu"):
     return build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, device, export_uri=cfg.vae_export_uri())
 
 
-def _from_pretrained(cls, where: str):
-    """from_pretrained for local folders and hub ids; object-store folders are copied locally first."""
-    if storage.is_remote(where):
-        import tempfile
+def _from_pretrained(cls, where: str, verified_export: bool = False):
+    """from_pretrained of safetensors weights only (a pickled .bin is never loaded), for local
+    folders and hub ids; object-store folders are copied locally first. A trained export is checked
+    against the hash in its _COMMITTED (pipeline.train.vae_export.fetch_export)."""
+    import tempfile
 
-        local = tempfile.mkdtemp(prefix="rld-vae-")
-        fs, path = storage.fs_and_path(where)
-        for name in fs.ls(path, detail=False):
-            base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.endswith(".json") or base.endswith(".safetensors") or base.endswith(".bin"):
-                fs.get(name, f"{local}/{base}")
-        where = local
-    return cls.from_pretrained(where)
+    with tempfile.TemporaryDirectory(prefix="rld-vae-") as local:
+        if verified_export:
+            from pipeline.train.vae_export import fetch_export
+
+            where = fetch_export(where, local)
+        elif storage.is_remote(where):
+            fs, path = storage.fs_and_path(where)
+            for name in fs.ls(path, detail=False):
+                base = name.rstrip("/").rsplit("/", 1)[-1]
+                if base.endswith(".json") or base.endswith(".safetensors"):
+                    fs.get(name, f"{local}/{base}")
+            where = local
+        return cls.from_pretrained(where, use_safetensors=True)
 
 
 def latent_shape(vae, image_size: int) -> tuple[int, int, int]:

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 ReportFn = Callable[[dict, "TrainState | None"], None]
 
 
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient (loop.max_nonfinite_steps)."""
+
+
 class MetricWindow:
     """Averages between reports: loss, grad norm, a step's extra scalars, and for the denoiser the loss
     by timestep quartile (as improved-diffusion logs it)."""
@@ -61,6 +65,7 @@ class MetricWindow:
             "lr": state.lr_scheduler.get_last_lr()[0],
             "grad_norm": sum(self.grad_norms) / max(len(self.grad_norms), 1),
             "samples_per_s": self.samples * world_size / dt,
+            "nonfinite_skipped": state.nonfinite_skipped,
         }
         for i in range(4):
             if self.q_n[i] > 0:
@@ -89,6 +94,8 @@ def run_loop(
     window = MetricWindow(state.noise_scheduler.config.num_train_timesteps if state.noise_scheduler else None)
     total = loop.steps
     resumed_from = state.step
+    max_nonfinite = getattr(loop, "max_nonfinite_steps", 10)
+    in_a_row = 0
     if state.step >= total:  # nothing left to do: say so, so the caller still sees where training stands
         report({"step": state.step, "epoch": state.epoch, "resumed_from": resumed_from, "loss": float("nan")}, None)
         return
@@ -100,6 +107,18 @@ def run_loop(
                 continue  # consumed before the checkpoint we resumed from
             out = step_fn(state, batch, cfg, autocast_dtype=autocast_dtype)
             state.batch_in_epoch = i + 1
+            if not out.get("applied", True):
+                in_a_row += 1
+                log.warning("step %d: non-finite loss %s or gradient norm %s: update skipped (%d in a row, %d in all)",
+                            state.step + 1, out["loss"], out["grad_norm"], in_a_row, state.nonfinite_skipped)
+                if in_a_row >= max_nonfinite:
+                    raise NonFiniteTraining(
+                        f"{in_a_row} consecutive steps had a non-finite loss or gradient (limit: max_nonfinite_steps="
+                        f"{max_nonfinite}) at step {state.step}, epoch {state.epoch}, batch {i}; no update was applied "
+                        "and no checkpoint holds them. Lower the learning rate, check the data for NaN/Inf, or resume."
+                    )
+                continue
+            in_a_row = 0
             window.add(out)
             last = state.step >= total
             checkpoint = last or state.step % loop.checkpoint_every == 0
@@ -154,13 +173,17 @@ def ray_worker(config: dict) -> None:
             cfg, config["manifest"], config["null_emb"], config["null_mask"], rank=rank, wrap=ray.train.torch.prepare_model
         )
         step_fn, loop = train_step, cfg.train
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            sd, manifest = load_checkpoint(folder, map_location=device)
+    # One rule for what to resume from, here and in generate: the newest stored checkpoint that verifies
+    # (checkpoint_store), not Ray Train's registry.
+    from pipeline.train import checkpoint_store
+
+    found = checkpoint_store.load_newest_trusted(config["run_uri"], map_location=device)
+    if found:
+        folder, sd, _ = found
         load_state_dict(state, sd)
         if rank == 0:
-            log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+            log.info("resumed from %s: step %d (epoch %d, batch %d)", folder, state.step, state.epoch, state.batch_in_epoch)
+    _check_same_step(state.step, world, device)
 
     # Metric history for the report's curves: rank 0 rewrites one small JSON per report; on resume the
     # entries past the restored step (written after the checkpoint we resumed from) are dropped.
@@ -191,15 +214,34 @@ def ray_worker(config: dict) -> None:
         if ckpt_state is None:
             ray.train.report(metrics)
             return
+        name = checkpoint_store.folder_name(ckpt_state.step)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 save_checkpoint(tmp, state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state, config.get("data_identity")))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                                 checkpoint_upload_fn=upload)
             else:
-                ray.train.report(metrics)
+                ray.train.report(metrics, checkpoint_dir_name=name)
+
+    def upload(checkpoint, dir_name: str):
+        # Ours, not pyarrow's copy_files: the manifest must reach storage after the files it lists.
+        checkpoint_store.upload_checkpoint(checkpoint.path, storage.join(config["run_uri"], dir_name))
+        ctx_storage = ray.train.get_context().get_storage()
+        return ray.train.Checkpoint(path=ctx_storage.build_checkpoint_path_from_name(dir_name),
+                                    filesystem=ctx_storage.storage_filesystem)
 
     autocast = torch.bfloat16 if device.type == "cuda" and loop.mixed_precision == "bf16" else None
     run_loop(cfg, state, batches, report, step_fn=step_fn, loop=loop, world_size=world, autocast_dtype=autocast)
+
+
+def _check_same_step(step: int, world: int, device) -> None:
+    """Every rank must resume from the same checkpoint (each verified its own download)."""
+    if world < 2 or not torch.distributed.is_initialized():
+        return
+    t = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise RuntimeError(f"ranks resumed from different checkpoints (steps {-int(t[1])}..{int(t[0])})")
 
 
 def train_locally(cfg, manifest: dict, null_emb, null_mask, data: dict, out_dir: str, *, device="cpu") -> list[dict]:
@@ -246,6 +288,6 @@ def latest_local_checkpoint(out_dir: str) -> str | None:
             try:
                 read_manifest(folder)
                 return folder
-            except IncompleteCheckpoint:
-                log.warning("ignoring incomplete checkpoint %s", folder)
+            except IncompleteCheckpoint as e:
+                log.error("CHECKPOINT NOT TRUSTED, falling back to an older one: %s", e)
     return None

@@ -38,6 +38,8 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     """Batches of the current epoch already consumed (the data position)."""
+    nonfinite_skipped: int = 0
+    """Updates skipped so far because the loss or the gradient was NaN/Inf (see apply_update)."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -119,17 +121,35 @@ def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> d
     per_sample = diffusion.diffusion_loss(pred, noise, reduction="none")
     loss = per_sample.mean()
 
+    grad_norm, applied = apply_update(state, loss, cfg.train.grad_clip)
+    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(), "t": t, "grad_norm": grad_norm,
+            "n": b, "applied": applied}
+
+
+def apply_update(state: TrainState, loss: torch.Tensor, grad_clip: float) -> tuple[float, bool]:
+    """Backward, clip, and (only if the loss and the gradient are finite) step the optimizer, the LR
+    schedule and the EMA and count the step. A non-finite update is skipped, never applied: it would
+    poison the weights and every later checkpoint. Under DDP the gradients are already all-reduced,
+    and the decision is all-reduced too, so every rank skips the same steps.
+    Returns (gradient norm before clipping, applied)."""
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        state.model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    )
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    finite = torch.isfinite(grad_norm.detach()) & torch.isfinite(loss.detach())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = finite.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag.bool()
+    if not bool(finite):
+        state.optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_skipped += 1
+        return float(grad_norm), False
     state.optimizer.step()
     state.lr_scheduler.step()
-    state.ema.step(unwrap(state.model).parameters())
+    if state.ema is not None:
+        state.ema.step(unwrap(state.model).parameters())
     state.step += 1
-    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(), "t": t, "grad_norm": float(grad_norm),
-            "n": b}
+    return float(grad_norm), True
 
 
 def state_dict(state: TrainState) -> dict:
@@ -144,6 +164,7 @@ def state_dict(state: TrainState) -> dict:
         "step": state.step,
         "epoch": state.epoch,
         "batch_in_epoch": state.batch_in_epoch,
+        "nonfinite_skipped": state.nonfinite_skipped,
     }
 
 
@@ -157,3 +178,4 @@ def load_state_dict(state: TrainState, sd: dict) -> None:
     state.lr_scheduler.load_state_dict(sd["lr_scheduler"])
     set_rng_state(sd["rng"])
     state.step, state.epoch, state.batch_in_epoch = sd["step"], sd["epoch"], sd["batch_in_epoch"]
+    state.nonfinite_skipped = sd.get("nonfinite_skipped", 0)

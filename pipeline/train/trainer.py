@@ -9,9 +9,12 @@ step, epoch and batch position up to the (possibly raised) `train.steps`.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 
 from pipeline import storage
+from pipeline.train import checkpoint_store
 from pipeline.config import resolve_use_gpu
 from pipeline.data.encode import load_manifest, load_null_text
 
@@ -22,26 +25,21 @@ def run_name(cfg, task: str = "denoiser") -> str:
     return f"{cfg.run.name}-vae" if task == "vae" else cfg.run.name
 
 
+def run_uri(cfg, task: str = "denoiser") -> str:
+    """Where this run's checkpoint folders live (Ray Train's experiment folder)."""
+    return storage.join(cfg.checkpoints_uri(), run_name(cfg, task))
+
+
 def complete_checkpoints(cfg, task: str = "denoiser") -> list[tuple[int, str]]:
-    """(step, folder) of this run's complete checkpoints in storage, oldest first. A folder without its
-    manifest (written last) or whose files' sizes differ from it never finished: it is not listed."""
-    run_uri = storage.join(cfg.checkpoints_uri(), run_name(cfg, task))
-    folders = [u for u in storage.ls(run_uri) if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")]
-    found = []
-    for folder in folders:
-        manifest_uri = storage.join(folder, "manifest.json")
-        if not storage.exists(manifest_uri):
-            continue  # never completed: not trusted
-        manifest = storage.read_json(manifest_uri)
-        if all(storage.size(storage.join(folder, name)) == size for name, size in manifest["files"].items()):
-            found.append((manifest["step"], folder))
-    return sorted(found)
+    """(step, folder) of this run's checkpoints in storage whose manifest and file sizes are in place,
+    oldest first (see checkpoint_store: hashes are verified when one is loaded)."""
+    return checkpoint_store.candidates(run_uri(cfg, task))
 
 
 def latest_checkpoint_uri(cfg, task: str = "denoiser") -> str | None:
-    """The newest complete checkpoint folder of this run in storage, or None."""
-    found = complete_checkpoints(cfg, task)
-    return found[-1][1] if found else None
+    """The newest checkpoint of this run that verifies (downloaded and hashed here); older ones are
+    used, with an error logged, when newer ones fail verification. None if there is none."""
+    return checkpoint_store.newest_trusted_uri(run_uri(cfg, task))
 
 
 def check_resumable(cfg, task: str = "denoiser", data_identity: dict | None = None) -> None:
@@ -51,9 +49,10 @@ def check_resumable(cfg, task: str = "denoiser", data_identity: dict | None = No
     from pipeline.config import ConfigError, from_dict
     from pipeline.train.checkpoint import resume_conflicts
 
-    latest = latest_checkpoint_uri(cfg, task)
-    if latest is None:
+    found = complete_checkpoints(cfg, task)  # the manifest's settings matter here, not its hashes
+    if not found:
         return
+    latest = found[-1][1]
     info = storage.read_json(storage.join(latest, "manifest.json"))
     saved = info.get("config", {})
     try:  # as this code would load it: fields added since get their defaults
@@ -90,7 +89,9 @@ def fit(cfg, task: str = "denoiser") -> dict:
 
     data_identity = {"latents_uri": cfg.latents_uri()} if task == "denoiser" else {}
     check_resumable(cfg, task, data_identity)
+    checkpoint_store.remove_incomplete(run_uri(cfg, task))
     loop_config: dict = {"cfg": cfg.to_dict(), "task": task, "data_identity": data_identity,
+                         "run_uri": run_uri(cfg, task),
                          "history_uri": storage.join(cfg.outputs_uri(), f"{task}_metrics.json")}
     if task == "vae":
         loop = cfg.vae_train
@@ -129,14 +130,21 @@ def fit(cfg, task: str = "denoiser") -> dict:
         datasets={"train": dataset},
     )
     t0 = time.time()
-    result = trainer.fit()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        # fit() installs Ray Train's SIGINT handler ("Gracefully aborting the training run") and leaves
+        # it in place: Ctrl-C during a later stage of this driver (e.g. generation) would do nothing.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     metrics = result.metrics or {}
     summary = {
         "task": task,
         "steps": int(metrics.get("step", 0)),
         "final_loss": metrics.get("loss"),
         "resumed_from": int(metrics.get("resumed_from", 0)),
-        "checkpoint": latest_checkpoint_uri(cfg, task),
+        "checkpoint": (complete_checkpoints(cfg, task) or [(0, None)])[-1][1],
         "seconds": round(time.time() - t0, 2),
         "num_workers": loop.num_workers,
         "use_gpu": use_gpu,

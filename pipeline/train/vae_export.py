@@ -51,27 +51,57 @@ def evaluate_vae(vae, images: np.ndarray, batch_size: int = 128) -> dict:
 def load_trained_vae(cfg, checkpoint_uri: str):
     """The AutoencoderKL with the weights of a VAE training checkpoint."""
     from pipeline.models.vae import build_vae
-    from pipeline.train.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint_store import fetch
 
     vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, trainable=True, force_random=True)
     with tempfile.TemporaryDirectory() as tmp:
-        sd, _ = load_checkpoint(storage.download_dir(checkpoint_uri, tmp))
+        sd, _ = fetch(checkpoint_uri, tmp)
     vae.load_state_dict({k.removeprefix("vae."): v for k, v in sd["model"].items()})
     return vae.eval().requires_grad_(False)
+
+
+EXPORT_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+"""What save_pretrained writes, for exports whose marker predates its `files` list."""
+
+
+def export_digest(folder: str, names: list[str]) -> str:
+    """The export's identity and integrity check: sha256 over (name + bytes) of each file, sorted by
+    name, first 16 hex digits (recorded in `_COMMITTED`; the latents key depends on it)."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
+
+
+def fetch_export(export_uri: str, local: str) -> str:
+    """Download a committed VAE export's files into `local` and verify them against `_COMMITTED`;
+    storage.CorruptArtifact if they differ. Returns `local`."""
+    marker = storage.read_json(storage.join(export_uri, storage.COMMIT_MARKER))
+    names = marker.get("files") or EXPORT_FILES
+    if any("/" in n or n.startswith(".") or not n.endswith((".json", ".safetensors")) for n in names):
+        raise storage.CorruptArtifact(f"{export_uri}: _COMMITTED lists unexpected files {names}")
+    for name in names:
+        fs, path = storage.fs_and_path(storage.join(export_uri, name))
+        fs.get(path, os.path.join(local, name))
+    if export_digest(local, names) != marker.get("sha256"):
+        raise storage.CorruptArtifact(
+            f"{export_uri}: the exported VAE's files do not match the sha256 in its _COMMITTED (corrupted or "
+            "replaced); run `python -m jobs.train_vae` again to re-export"
+        )
+    return local
 
 
 def export_vae(vae, out_uri: str, scaling_factor: float, metrics: dict) -> dict:
     """save_pretrained with the measured scaling factor, upload, then _COMMITTED with the hash."""
     vae.register_to_config(scaling_factor=float(scaling_factor))
     with tempfile.TemporaryDirectory() as tmp:
-        vae.save_pretrained(tmp)
-        digest = hashlib.sha256()
-        for name in sorted(os.listdir(tmp)):
-            with open(os.path.join(tmp, name), "rb") as f:
-                data = f.read()
-            digest.update(name.encode() + data)
-            storage.write_bytes(storage.join(out_uri, name), data)
-    info = {"sha256": digest.hexdigest()[:16], "scaling_factor": float(scaling_factor), **metrics}
+        vae.save_pretrained(tmp, safe_serialization=True)
+        names = sorted(os.listdir(tmp))
+        for name in names:
+            storage.upload_file(os.path.join(tmp, name), storage.join(out_uri, name))
+        digest = export_digest(tmp, names)
+    info = {"sha256": digest, "files": names, "scaling_factor": float(scaling_factor), **metrics}
     storage.write_json(storage.join(out_uri, "metrics.json"), info)
     storage.write_commit_marker(out_uri, info)
     return info

@@ -58,7 +58,7 @@ def vae_losses(vae, x: torch.Tensor, generator: torch.Generator | None = None) -
 
 def vae_train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> dict:
     from pipeline.models.vae import images_to_tensor
-    from pipeline.train.step import step_seed
+    from pipeline.train.step import apply_update, step_seed
 
     device = next(state.model.parameters()).device
     images = batch["image"]
@@ -67,14 +67,8 @@ def vae_train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) 
         out = state.model(x, step_seed(state.seed, state.rank, state.step))
     rec, kl = out["rec"].mean(), out["kl"].mean()
     loss = rec + cfg.vae_train.beta * kl
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip = cfg.vae_train.grad_clip if cfg.vae_train.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
-    state.optimizer.step()
-    state.lr_scheduler.step()
-    state.step += 1
-    return {"loss": loss.item(), "grad_norm": float(grad_norm),
+    grad_norm, applied = apply_update(state, loss, cfg.vae_train.grad_clip)
+    return {"loss": loss.item(), "grad_norm": grad_norm, "applied": applied,
             "scalars": {"rec": rec.item(), "kl": kl.item(), "psnr": psnr_from_mse(rec.item())},
             "n": len(x)}
 
