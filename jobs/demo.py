@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from urllib.parse import urlparse
 
@@ -97,7 +98,8 @@ def run(cfg, run_dir: str) -> dict:
             "rejected": manifest["n_rejected"],
             "generated": gen["n"],
         },
-        "train": {k: train[k] for k in ("steps", "final_loss", "checkpoint", "num_workers", "seconds")},
+        "train": {k: train.get(k) for k in ("steps", "resumed_from", "final_loss", "checkpoint", "num_workers",
+                                            "seconds")},
         "fid": {"value": fid.get("fid"), "n_gen": fid.get("n_gen"), "n_ref": fid.get("n_ref")},
         "generate": {k: gen[k] for k in ("sampler", "steps", "guidance_scale", "images_per_s", "latent_std", "uri")},
         "eval": gen.get("eval", {}),
@@ -118,7 +120,14 @@ def main(argv=None) -> dict:
     cfg, args = cli.parse(__doc__, argv, extra=lambda p: p.add_argument("--run-dir", default="runs/demo"))
     cli.setup_logging()
     run_dir = os.path.abspath(args.run_dir)
-    summary = run(cfg, run_dir)
+    try:
+        summary = run(cfg, run_dir)
+    except KeyboardInterrupt:
+        # The services are stopped by now (local_driver's context managers). Stages keep what they
+        # committed: running the same command again resumes.
+        print(f"\ninterrupted (Ctrl-C): the run's services are stopped; run the same command again to resume "
+              f"from what {run_dir} holds", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     print("\n=== summary ===")
     print(json.dumps({k: summary[k] for k in ("stages", "counts", "vae", "train", "fid", "untrained_encoders")}, indent=2))
     untrained = [k for k in ("text_encoder", "vae") if not summary["encoders"][k]["trained"]]

@@ -8,10 +8,10 @@ from pipeline.data.encode import encode
 
 
 def main(argv=None) -> dict:
-    cfg, _ = cli.parse(__doc__, argv)
+    cfg, args = cli.parse(__doc__, argv)
     cli.setup_logging()
-    cli.connect_ray()
-    manifest = encode(cfg)
+    with cli.ray_session(args.ray_address):
+        manifest = encode(cfg)
     print(f"encode: {manifest['n_encoded']} encoded, {manifest['n_rejected']} rejected -> {cfg.latents_uri()}")
     return manifest
 

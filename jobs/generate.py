@@ -69,10 +69,10 @@ def run(cfg, report: bool = True) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg, _ = cli.parse(__doc__, argv)
+    cfg, args = cli.parse(__doc__, argv)
     cli.setup_logging()
-    cli.connect_ray()
-    return run(cfg)
+    with cli.ray_session(args.ray_address):
+        return run(cfg)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ from pipeline.train.trainer import fit
 
 
 def main(argv=None) -> dict:
-    cfg, _ = cli.parse(__doc__, argv)
+    cfg, args = cli.parse(__doc__, argv)
     cli.setup_logging()
-    cli.connect_ray()
-    return fit(cfg)
+    with cli.ray_session(args.ray_address):
+        return fit(cfg)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from pipeline.train.vae_job import train_vae
 
 
 def main(argv=None) -> dict:
-    cfg, _ = cli.parse(__doc__, argv)
+    cfg, args = cli.parse(__doc__, argv)
     cli.setup_logging()
-    cli.connect_ray()
-    return train_vae(cfg)
+    with cli.ray_session(args.ray_address):
+        return train_vae(cfg)
 
 
 if __name__ == "__main__":

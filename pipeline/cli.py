@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 
 from pipeline import config as config_mod
 
@@ -15,6 +20,10 @@ def parse(description: str, argv: list[str] | None = None, extra=None):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default=None, help="YAML config (see configs/); defaults are used if omitted")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=500")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (host:port of its GCS, or 'auto'); default: RAY_ADDRESS, "
+                        "which `ray job submit` sets; with neither, a private Ray head on 127.0.0.1 is "
+                        "started for this run and stopped at its end")
     if extra:
         extra(p)
     args = p.parse_args(argv)
@@ -33,16 +42,80 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster a job should join: `address` (--ray-address), else RAY_ADDRESS, else None."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(address: str | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`) or `address`; else start a local one."""
+    """Join the cluster at `address` or RAY_ADDRESS (set by `ray job submit`); no-op if connected.
+
+    Never calls ray.init() without an address: that would join whatever cluster last ran `ray start`
+    on this machine (someone else's, another run's), or start one listening on every interface.
+    With no address, use `with ray_session(...)`, which starts a private head.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    target = cluster_address(address)
+    if target is None:
+        raise RuntimeError("no Ray cluster address: pass --ray-address or set RAY_ADDRESS, "
+                           "or use `with cli.ray_session():` to start a private local cluster")
     from pipeline.local import reclaim_sigterm
 
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-    reclaim_sigterm()  # `ray job stop` sends SIGTERM: let `finally` blocks run
+    before = signal.getsignal(signal.SIGTERM)
+    ray.init(address=target, log_to_driver=True)
+    reclaim_sigterm(before)  # `ray job stop` sends SIGTERM: let `finally` blocks run
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[str]:
+    """This process as a Ray driver for the duration of the block; yields the cluster's address.
+
+    - Already connected (e.g. inside jobs.demo): nothing is done.
+    - `address` (--ray-address) or RAY_ADDRESS (set by `ray job submit`): join that cluster.
+    - Neither: start a private Ray head on 127.0.0.1 (pipeline.local.LocalRay, token auth with a
+      token of its own, in a short temporary run folder), and stop it when the block ends, also on
+      an error, Ctrl-C or SIGTERM. Its folder is removed after a clean end and kept (path printed)
+      after a failure, for its logs. The S3 variables in os.environ reach its workers.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray.get_runtime_context().gcs_address
+        return
+    target = cluster_address(address)
+    if target is not None:
+        connect_ray(target)
+        try:
+            yield target
+        finally:
+            ray.shutdown()
+        return
+
+    from pipeline.local import RAY_ENV_DEFAULTS, local_ray
+
+    for k, v in RAY_ENV_DEFAULTS.items():  # as the head's: 127.0.0.1 only, no usage stats
+        os.environ.setdefault(k, v)
+    run_dir = tempfile.mkdtemp(prefix="rld-ray-")
+    clean = False
+    try:
+        # local_ray: a watchdog stops the head if this process is killed (RUN_DIR/services.json).
+        with local_ray(run_dir, num_cpus=num_cpus) as head:
+            print(f"ray: no cluster given (--ray-address / RAY_ADDRESS): started a private Ray head at "
+                  f"{head.address} (dashboard {head.dashboard_url}, folder {run_dir}) for this run", flush=True)
+            head.connect(log_to_driver=True)
+            try:
+                yield head.address
+            finally:
+                ray.shutdown()
+        clean = True
+    finally:
+        if clean:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            print(f"ray: the private Ray head was stopped; its logs are in {run_dir}", file=sys.stderr, flush=True)
 
 
 def prepare_storage(cfg) -> None:

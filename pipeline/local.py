@@ -83,6 +83,25 @@ def free_ports(n: int, host: str = HOST) -> list[int]:
             s.close()
 
 
+def _patch_environ(values: Mapping[str, str | None], saved: dict | None = None) -> dict:
+    """Set (or, for None, remove) `values` in os.environ; returns what to pass to _restore_environ.
+    `saved` (from an earlier call) is kept, so restoring goes back to the state before the first."""
+    if saved is None:
+        saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return saved
+
+
+def _restore_environ(saved: dict | None) -> None:
+    """Put back what _patch_environ changed; returns None (the new `saved`)."""
+    if saved:
+        _patch_environ(saved)
+
+
 def _log_tail(path: str, n_bytes: int = 4000) -> str:
     try:
         with open(path, "rb") as f:
@@ -253,9 +272,11 @@ class SeaweedS3:
         secret_key: str | None = None,
         start_timeout: float = 30.0,
         stop_timeout: float = 15.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.run_dir = os.path.abspath(run_dir)
         self.bucket = bucket
+        self.extra_env = dict(env or {})  # e.g. local_services' run token (pipeline.watchdog.TOKEN_ENV)
         self._requested_port = port
         self.access_key = access_key or "rld" + secrets.token_hex(8)
         self._secret_key = secret_key or secrets.token_urlsafe(30)
@@ -292,21 +313,12 @@ class SeaweedS3:
 
     def apply_env(self) -> None:
         """Set `env` in os.environ (this process and children started later); undone by stop()."""
-        if self._saved_env is None:
-            self._saved_env = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
+        self._saved_env = _patch_environ(self.env, saved=self._saved_env)
         logger.info("S3 environment set: AWS_ENDPOINT_URL=%s AWS_ACCESS_KEY_ID=%s", self.endpoint, self.access_key)
 
     def restore_env(self) -> None:
         """Undo apply_env(): put back the previous values (or remove the variables)."""
-        if self._saved_env is None:
-            return
-        for k, v in self._saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        self._saved_env = None
+        self._saved_env = _restore_environ(self._saved_env)
 
     @property
     def running(self) -> bool:
@@ -353,6 +365,7 @@ class SeaweedS3:
         self.ports = dict(zip(self.PORT_FLAGS, picked))
         self.ports["s3.port"] = self.port
         env = dict(os.environ)
+        env.update(self.extra_env)
         env.update(
             AWS_ACCESS_KEY_ID=self.access_key,  # weed mini reads these once at start and enforces them
             AWS_SECRET_ACCESS_KEY=self._secret_key,
@@ -384,15 +397,25 @@ class SeaweedS3:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(
                     f"weed exited with code {self._proc.returncode} during start; "
-                    f"log {self.log_path} ends with:\n{_log_tail(self.log_path)}"
+                    f"log {self.log_path} ends with:\n{_log_tail(self.log_path)}{self._holders_hint()}"
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"SeaweedFS S3 not answering at {url} after {self.start_timeout:.0f}s; "
-                    f"log {self.log_path} ends with:\n{_log_tail(self.log_path)}"
+                    f"log {self.log_path} ends with:\n{_log_tail(self.log_path)}{self._holders_hint()}"
                 )
             time.sleep(0.1)
         self._wait_bucket(deadline)
+
+    def _holders_hint(self) -> str:
+        """Other processes using RUN_DIR/s3 (e.g. an orphaned weed of a killed run holding the filer
+        lock, the usual reason for "weed exited with code 255"), for the start error; else ''."""
+        from pipeline.watchdog import holders_hint
+
+        try:
+            return holders_hint(os.path.join(self.run_dir, "s3"))
+        except Exception:  # noqa: BLE001 - a hint must not hide the real error
+            return ""
 
     def client(self):
         """An s3fs filesystem for this server with explicit credentials (no os.environ needed)."""
@@ -452,6 +475,62 @@ class SeaweedS3:
 # -------------------------------------------------------------------------------------------- LocalRay
 
 
+class RayAuthError(PermissionError):
+    """A Ray job server or dashboard refused our request for authentication reasons (HTTP 401/403)."""
+
+
+def wait_job_server(dashboard_url: str, headers: Mapping[str, str] | None = None, timeout: float = 90.0) -> None:
+    """Wait until the job server at `dashboard_url` answers /api/version with a 2xx.
+
+    Connection errors and 5xx count as "not up yet" until `timeout` (TimeoutError). A 401 or 403
+    raises RayAuthError at once: the server is up but refuses us, and waiting will not change that.
+    """
+    deadline = time.monotonic() + timeout
+    url = dashboard_url.rstrip("/") + "/api/version"
+    last = "no answer"
+    while True:
+        request = urllib.request.Request(url, headers=dict(headers or {}))
+        try:
+            with urllib.request.urlopen(request, timeout=1.0) as r:
+                if 200 <= r.status < 300:
+                    return
+                last = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                body = e.read(300).decode("utf-8", errors="replace").strip()
+                raise RayAuthError(
+                    f"Ray job server at {url} refused authentication (HTTP {e.code}: {body or e.reason}). "
+                    + ("No token was sent; " if not headers else "The token sent was not accepted; ")
+                    + "the server runs with Ray token auth (RAY_AUTH_MODE=token, e.g. because "
+                    "~/.ray/auth_token exists). Send its token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) "
+                    "or start the server with this run's token."
+                ) from None
+            last = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(getattr(e, "reason", e))
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray job server not answering at {url} after {timeout:.0f}s (last: {last})")
+        time.sleep(0.2)
+
+
+def _refresh_ray_auth() -> None:
+    """If ray is imported, make it re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN from os.environ.
+
+    Ray reads them into its C++ config and token cache once; a driver that imported ray before
+    connect() (or connected to another head earlier) would otherwise keep the old values. Ray's own
+    `_enable_token_auth` refreshes the same way.
+    """
+    if "ray" not in sys.modules:
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError) as e:  # another Ray version: the env is still set for children
+        logger.debug("could not refresh Ray's auth settings in this process: %r", e)
+
+
 class LocalRay:
     """A Ray head node on 127.0.0.1 (`ray start --head`) with the dashboard and its job server.
 
@@ -462,20 +541,32 @@ class LocalRay:
     Ray's unix sockets live under --temp-dir and their paths must fit 107 bytes; if RUN_DIR/ray is
     longer than RAY_TEMP_DIR_MAX_LEN, a short /tmp/ray-<hash> is used instead (logged), and on stop
     its session logs are copied to RUN_DIR/ray/ and it is removed.
+
+    Authentication: the head always runs with Ray's token auth and a token of its own, made for this
+    instance (`auth_env`: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN=...), whether or not ~/.ray/auth_token
+    exists (an in-process ray.init() writes that file, and `ray start` would otherwise pick it up).
+    Workers and submitted jobs inherit it from the head; connect() puts it into os.environ for this
+    driver and for the `ray job submit` processes it starts (restored by stop()). Other users and
+    other runs on the machine cannot submit jobs to or join our cluster without it.
     """
 
     #: Ray ports we pick free, so that two clusters on one machine do not fight over 6379/8265/10001/...
     #: The node-manager and object-manager ports are random already; worker ports are made random with
     #: --min-worker-port=0 --max-worker-port=0 (the default range 10002-19999 is shared by all clusters).
+    #: The dashboard agent's HTTP port is given as 0, and its gRPC, metrics-export and runtime-env-agent
+    #: ports are left out (Ray 2.60 then binds them to a port the OS picks and records it): a port we
+    #: picked and freed could be taken by someone's outgoing connection before the agent bound it
+    #: (seen: "No available agent to submit job").
     PORT_FLAGS = (
         "port",
         "dashboard-port",
-        "ray-client-server-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "runtime-env-agent-port",
-        "metrics-export-port",
+        "ray-client-server-port",  # cannot be turned off; its default 10001 is shared by all clusters
     )
+    DYNAMIC_PORT_FLAGS = ("dashboard-agent-listen-port",)
+    #: Ports Ray takes from environment variables only, with one fixed default for every cluster on the
+    #: machine (a second head's server then fails to bind, logged): the Prometheus endpoints of the
+    #: dashboard (44227) and of the autoscaler monitor (44217). Picked free, like PORT_FLAGS.
+    PORT_ENV = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
 
     def __init__(
         self,
@@ -493,10 +584,14 @@ class LocalRay:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.ports: dict[str, int] = {}
+        self.env_ports: dict[str, int] = {}  # PORT_ENV -> port, picked at start
         self.log_path = os.path.join(self.run_dir, "logs", "ray-start.log")
         self.logs_dir = os.path.join(self.run_dir, "ray")
         self.temp_dir = self._choose_temp_dir()
         self._pgid: int | None = None
+        # Same format as Ray's own (`ray get-auth-token --generate`): 256 random bits, hex.
+        self._auth_token = secrets.token_hex(32)
+        self._saved_env: dict[str, str | None] | None = None
 
     def __repr__(self) -> str:
         return f"LocalRay(address={self.ports.get('port')!r}, temp_dir={self.temp_dir!r})"
@@ -535,12 +630,38 @@ class LocalRay:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment the head (and so every worker) gets: ours + RAY_ENV_DEFAULTS + `env`."""
+        """The environment the head (and so every worker) gets: ours + RAY_ENV_DEFAULTS + `env`,
+        then this head's own token auth (`auth_env`), which nothing overrides."""
         env = dict(os.environ)
         for k, v in RAY_ENV_DEFAULTS.items():
             env.setdefault(k, v)
         env.update(self.extra_env)
+        env.pop("RAY_AUTH_TOKEN_PATH", None)  # RAY_AUTH_TOKEN wins anyway; leave no doubt which token
+        env.update(self.auth_env)
+        env.update({k: str(port) for k, port in self.env_ports.items()})
         return env
+
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """What a client of this head needs in its environment: a driver (ray.init), `ray job submit`,
+        the State API. Secret: never logged, not in repr()."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self._auth_token}
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """HTTP headers the dashboard and job server accept for this head."""
+        return {"Authorization": f"Bearer {self._auth_token}"}
+
+    def apply_env(self) -> None:
+        """Put `auth_env` into os.environ (this driver, and processes it starts later such as
+        `ray job submit`), and make an already imported ray see it; undone by stop()."""
+        self._saved_env = _patch_environ({**self.auth_env, "RAY_AUTH_TOKEN_PATH": None}, saved=self._saved_env)
+        _refresh_ray_auth()
+
+    def restore_env(self) -> None:
+        """Undo apply_env()."""
+        self._saved_env = _restore_environ(self._saved_env)
+        _refresh_ray_auth()
 
     def _command(self) -> list[str]:
         ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
@@ -555,6 +676,7 @@ class LocalRay:
             "--max-worker-port=0",
         ]
         cmd += [f"--{flag}={port}" for flag, port in self.ports.items()]
+        cmd += [f"--{flag}=0" for flag in self.DYNAMIC_PORT_FLAGS]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
         if self.num_gpus is not None:
@@ -567,7 +689,9 @@ class LocalRay:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         os.makedirs(self.logs_dir, exist_ok=True)
         os.makedirs(self.temp_dir, exist_ok=True)
-        self.ports = dict(zip(self.PORT_FLAGS, free_ports(len(self.PORT_FLAGS))))
+        picked = free_ports(len(self.PORT_FLAGS) + len(self.PORT_ENV))
+        self.ports = dict(zip(self.PORT_FLAGS, picked))
+        self.env_ports = dict(zip(self.PORT_ENV, picked[len(self.PORT_FLAGS):]))
         logger.info("starting Ray head at %s (dashboard %s, log %s)", self.address, self.dashboard_url, self.log_path)
         proc: subprocess.Popen | None = None
         try:
@@ -611,6 +735,8 @@ class LocalRay:
         listens, so ray.init hangs) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was in the
         environment when ray was first imported. If ray was imported before that, set the
         constant the variable controls (it is read at call time) to the same effect.
+
+        Puts this head's `auth_env` into os.environ first (see apply_env; stop() restores it).
         """
         import ray
         from ray._private import ray_constants
@@ -619,18 +745,17 @@ class LocalRay:
             logger.info("ray was imported without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; keeping the driver on %s", HOST)
             ray_constants.ENABLE_RAY_CLUSTER = False
         init_kwargs.setdefault("logging_level", logging.WARNING)
+        if not ray.is_initialized():  # (if it is, ray.init below refuses as before; leave its config be)
+            self.apply_env()  # our token, not ~/.ray/auth_token or another cluster's
         before = signal.getsignal(signal.SIGTERM)
         ray.init(address=self.address, **init_kwargs)
         reclaim_sigterm(before)
 
     def _wait_job_server(self) -> None:
-        """`ray start` returns before the dashboard's job server answers; `ray job submit` needs it."""
-        deadline = time.monotonic() + self.start_timeout
-        url = self.dashboard_url + "/api/version"
-        while not _http_ok(url):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Ray job server not answering at {url} after {self.start_timeout:.0f}s")
-            time.sleep(0.2)
+        """`ray start` returns before the dashboard's job server answers; `ray job submit` needs it.
+
+        It is asked with this head's token. A 401/403 is not "down": it raises RayAuthError at once."""
+        wait_job_server(self.dashboard_url, self.auth_headers, self.start_timeout)
 
     def stop(self) -> None:
         """Stop our head only, in `ray stop`'s order: raylet, then helpers, then gcs_server; idempotent.
@@ -638,6 +763,7 @@ class LocalRay:
         Each step gets SIGTERM and a third of `stop_timeout`; survivors in the group get SIGKILL.
         """
         pgid, self._pgid = self._pgid, None
+        self.restore_env()
         if pgid is not None:
             logger.info("stopping Ray head (process group %d)", pgid)
             step = self.stop_timeout / 3
@@ -719,6 +845,31 @@ def sigterm_raises_exit() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def guarded_run_dir(run_dir: str):
+    """Hold RUN_DIR for this process while inside: RUN_DIR/services.json and a watchdog process
+    (pipeline.watchdog) that stops the services recorded in it if this process dies without
+    cleaning up (SIGKILL, OOM killer, closed terminal). Yields the RunLock: put `{TOKEN_ENV:
+    lock.token}` into each service's environment and `lock.add_service(...)` once it is up.
+
+    A folder whose services.json names a driver that still runs raises RunDirInUse; one left by a
+    killed run is cleaned up first (its leftover processes are stopped, a warning says which).
+    """
+    from pipeline.watchdog import RunLock
+
+    lock = RunLock(run_dir).acquire()
+    try:
+        lock.start_watchdog()
+        yield lock
+    finally:
+        lock.release()
+
+
+def _record_ray(lock, head: "LocalRay") -> None:
+    lock.add_service("ray", sid=head._pgid, ports=head.ports, temp_dir=head.temp_dir,
+                     fallback_temp_dir=head.uses_fallback_temp_dir)
+
+
+@contextlib.contextmanager
 def local_services(
     run_dir: str,
     num_cpus: int | None = None,
@@ -730,8 +881,38 @@ def local_services(
     storage helpers and ray.init() drivers reach the server); they are restored on exit, also on
     exceptions, KeyboardInterrupt and SIGTERM (see sigterm_raises_exit). Connect a driver with
     `ray_head.connect()`.
+
+    A driver that dies without cleaning up (SIGKILL, OOM killer, closed terminal) leaves nothing
+    behind either (guarded_run_dir, pipeline.watchdog): RUN_DIR/services.json records this driver
+    and the services' processes while they run, and a watchdog process in a session of its own
+    stops them once this process is gone. Entering on a folder whose services.json names a driver
+    that still runs raises RunDirInUse; one left by a killed run is cleaned up first.
     """
-    with sigterm_raises_exit(), SeaweedS3(run_dir, bucket=bucket) as s3:
-        s3.apply_env()
-        with LocalRay(run_dir, num_cpus=num_cpus, env=s3.env) as head:
-            yield s3, head
+    from pipeline.watchdog import TOKEN_ENV
+
+    with sigterm_raises_exit(), guarded_run_dir(run_dir) as lock:
+        marker = {TOKEN_ENV: lock.token}  # lets the watchdog find every service process, Ray workers too
+        with SeaweedS3(run_dir, bucket=bucket, env=marker) as s3:
+            lock.add_service("weed", sid=s3.pid, ports=s3.ports)
+            s3.apply_env()
+            head = LocalRay(run_dir, num_cpus=num_cpus, env={**s3.env, **marker})
+            lock.add_marker(head.temp_dir)
+            with head:
+                _record_ray(lock, head)
+                yield s3, head
+
+
+@contextlib.contextmanager
+def local_ray(run_dir: str, num_cpus: int | None = None, env: Mapping[str, str] | None = None,
+              **kwargs) -> Iterator[LocalRay]:
+    """`with LocalRay(run_dir, ...) as head`, with local_services' protection against a killed driver
+    (guarded_run_dir: RUN_DIR/services.json and a watchdog) and SIGTERM (sigterm_raises_exit).
+    Other keyword arguments go to LocalRay."""
+    from pipeline.watchdog import TOKEN_ENV
+
+    with sigterm_raises_exit(), guarded_run_dir(run_dir) as lock:
+        head = LocalRay(run_dir, num_cpus=num_cpus, env={**(env or {}), TOKEN_ENV: lock.token}, **kwargs)
+        lock.add_marker(head.temp_dir)
+        with head:
+            _record_ray(lock, head)
+            yield head

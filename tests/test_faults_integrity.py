@@ -195,3 +195,27 @@ def test_non_finite_latents_are_rejected():
     out = enc(batch)
     assert not np.isfinite(out["latent"]).all()
     assert [r.split(":")[0] for r in out["reason"]] == ["nonfinite_latent"] * 2
+
+
+def test_latent_files_must_match_the_commit_marker(tmp_path):
+    """Training reads exactly the parquet files `_COMMITTED` lists: one lost, truncated or added since
+    is refused with the folder named (here on a hand-built latents folder)."""
+    from pipeline.data.encode import committed_files
+
+    root = tmp_path / "latents"
+    (root / "train").mkdir(parents=True)
+    for name in ("a.parquet", "b.parquet"):
+        (root / "train" / name).write_bytes(b"x" * 100)
+    storage.write_commit_marker(str(root), {"files": {"train": {"a.parquet": 100, "b.parquet": 100}}})
+    assert [os.path.basename(f) for f in committed_files(str(root), "train")] == ["a.parquet", "b.parquet"]
+    (root / "train" / "stray.parquet").write_bytes(b"y")  # added by someone else
+    with pytest.raises(storage.CorruptArtifact, match="stray.parquet"):
+        committed_files(str(root), "train")
+    os.remove(root / "train" / "stray.parquet")
+    with open(root / "train" / "b.parquet", "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(storage.CorruptArtifact, match="b.parquet"):
+        committed_files(str(root), "train")
+    storage.write_commit_marker(str(root), {})  # an older version's marker
+    with pytest.raises(storage.CorruptArtifact, match="older version"):
+        committed_files(str(root), "train")

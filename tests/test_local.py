@@ -21,32 +21,10 @@ def _port_open(port: int) -> bool:
 
 
 def _processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (independent of process groups)."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    found = []
-    if psutil is not None:
-        for p in psutil.process_iter(["cmdline", "status"]):
-            try:
-                if p.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(p.info["cmdline"] or []):
-                    found.append(p.pid)
-            except psutil.Error:
-                pass
-        return found
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if text.encode() in f.read().replace(b"\0", b" "):
-                        found.append(int(name))
-            except OSError:
-                pass
-    return found
+    """Live processes whose command line (or working directory) names `text`."""
+    from pipeline.watchdog import processes_using
 
-
-# ------------------------------------------------------------------------------------------------ S3
+    return [p.pid for p in processes_using(text)]
 
 
 def test_s3_round_trip_through_storage(s3: SeaweedS3) -> None:

@@ -207,6 +207,9 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     if storage.is_committed(out) and not force:
         try:
             manifest = load_manifest(out)
+            for split in set(splits) & set(manifest["splits"]):
+                if manifest["splits"][split]["n_encoded"]:
+                    committed_files(out, split)
         except storage.CorruptArtifact as e:
             log.error("encode: NOT reusing %s: %s; encoding again", out, e)
             manifest = {"splits": {}}
@@ -245,7 +248,8 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     storage.write_bytes(storage.join(out, "manifest.json"), manifest_bytes)
     # The marker, last, records the hashes of the small files every later stage reads back.
     storage.write_commit_marker(out, {"n_encoded": manifest["n_encoded"], "sha256": {
-        "manifest.json": storage.sha256_bytes(manifest_bytes), "null_text.npz": storage.sha256_bytes(buf.getvalue())}})
+        "manifest.json": storage.sha256_bytes(manifest_bytes), "null_text.npz": storage.sha256_bytes(buf.getvalue())},
+        "files": {split: _file_sizes(storage.join(out, split)) for split in splits}})
     if untrained:
         which = [n for n, ident in (("T5 text encoder", text.identity), ("VAE", vae_identity)) if not ident["trained"]]
         print(f"encode: NOTE the {' and the '.join(which)} {'is' if len(which) == 1 else 'are'} UNTRAINED (random init)")
@@ -264,6 +268,26 @@ def _read_committed(latents_uri: str, name: str) -> bytes:
             "written by an older version): delete the folder and run `python -m jobs.encode` again"
         )
     return data
+
+
+def _file_sizes(prefix: str) -> dict[str, int]:
+    return {uri.rstrip("/").rsplit("/", 1)[-1]: storage.size(uri) for uri in storage.ls(prefix)}
+
+
+def committed_files(latents_uri: str, split: str) -> list[str]:
+    """The latent parquet files of a split exactly as `_COMMITTED` lists them (name and size): a file
+    lost, truncated or added since is a CorruptArtifact, so training never reads another dataset."""
+    marker = storage.read_json(storage.join(latents_uri, storage.COMMIT_MARKER))
+    want = (marker.get("files") or {}).get(split)
+    if want is None:
+        raise storage.CorruptArtifact(
+            f"{latents_uri}: its {storage.COMMIT_MARKER} lists no {split} files (written by an older version): "
+            "delete the folder and run `python -m jobs.encode` again")
+    have = _file_sizes(storage.join(latents_uri, split))
+    if have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()))
+        raise storage.CorruptArtifact(f"{latents_uri}/{split}: files differ from {storage.COMMIT_MARKER}: {diff[:5]}")
+    return [storage.join(latents_uri, split, name) for name in sorted(want)]
 
 
 def load_null_text(latents_uri: str) -> tuple[np.ndarray, np.ndarray]:

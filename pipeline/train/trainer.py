@@ -9,14 +9,13 @@ step, epoch and batch position up to the (possibly raised) `train.steps`.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 
 from pipeline import storage
+from pipeline.signals import keep_python_sigint_handler
 from pipeline.train import checkpoint_store
 from pipeline.config import resolve_use_gpu
-from pipeline.data.encode import load_manifest, load_null_text
+from pipeline.data.encode import committed_files, load_manifest, load_null_text
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,8 @@ def fit(cfg, task: str = "denoiser") -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.train import dist
+
     data_identity = {"latents_uri": cfg.latents_uri()} if task == "denoiser" else {}
     check_resumable(cfg, task, data_identity)
     checkpoint_store.remove_incomplete(run_uri(cfg, task))
@@ -103,7 +104,8 @@ def fit(cfg, task: str = "denoiser") -> dict:
         null_emb, null_mask = load_null_text(latents)
         if manifest["untrained"]:
             print("train: NOTE training on latents of UNTRAINED encoders (see the encode manifest)")
-        dataset = ray.data.read_parquet(storage.ray_path(storage.join(latents, "train"))).select_columns(
+        files = [storage.ray_path(f) for f in committed_files(latents, "train")]
+        dataset = ray.data.read_parquet(files).select_columns(
             ["latent", "text_emb", "text_mask"]
         )
         loop_config |= {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist()}
@@ -128,16 +130,13 @@ def fit(cfg, task: str = "denoiser") -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=loop.num_to_keep),
         ),
         datasets={"train": dataset},
+        torch_config=dist.torch_config(),  # on a loopback cluster the store binds 127.0.0.1 only
     )
     t0 = time.time()
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
+    # fit() installs Ray Train's SIGINT handler and leaves it in place: without this, Ctrl-C during a
+    # later stage of this driver (e.g. generation) would do nothing, and during fit() would exit silently.
+    with keep_python_sigint_handler():
         result = trainer.fit()
-    finally:
-        # fit() installs Ray Train's SIGINT handler ("Gracefully aborting the training run") and leaves
-        # it in place: Ctrl-C during a later stage of this driver (e.g. generation) would do nothing.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint)
     metrics = result.metrics or {}
     summary = {
         "task": task,
