@@ -219,3 +219,56 @@ def test_latent_files_must_match_the_commit_marker(tmp_path):
     storage.write_commit_marker(str(root), {})  # an older version's marker
     with pytest.raises(storage.CorruptArtifact, match="older version"):
         committed_files(str(root), "train")
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped():
+    """The loss is finite but a gradient is not (a hook poisons it: the fault): no update is applied."""
+    from pipeline.train.step import apply_update, build_train_state
+
+    cfg = _cfg("train.warmup_steps=0")
+    state = build_train_state(cfg, MANIFEST, *NULL)
+    param = next(state.model.parameters())
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    handle = param.register_hook(lambda g: g * float("inf"))
+    loss = sum(p.float().pow(2).mean() for p in state.model.parameters())
+    assert torch.isfinite(loss)
+    grad_norm, applied = apply_update(state, loss, grad_clip=1.0)
+    handle.remove()
+    assert not np.isfinite(grad_norm) and applied is False
+    assert state.step == 0 and state.nonfinite_skipped == 1
+    assert all(torch.equal(before[k], v) for k, v in state.model.state_dict().items())
+    loss = sum(p.float().pow(2).mean() for p in state.model.parameters())
+    _, applied = apply_update(state, loss, grad_clip=1.0)
+    assert applied and state.step == 1
+
+
+def _vote_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline.train.step import TrainState, apply_update
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(3, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState(model=model, ema=None, optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                       generator=torch.Generator(), seed=0, rank=rank)
+    loss = model(torch.ones(4, 3)).pow(2).mean()
+    if rank == 1:
+        loss = loss + torch.tensor(float("inf"))  # this rank's loss is inf, its gradient is not
+    _, applied = apply_update(state, loss, grad_clip=1.0)
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump({"applied": applied, "weight": model.module.weight.detach().tolist()}, f)
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_to_skip(tmp_path):
+    """Rank 1's loss is inf while the all-reduced gradient is finite: without the vote rank 0 would
+    step and rank 1 would not, and the replicas would drift apart. Both skip."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_vote_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["applied"] is False and r1["applied"] is False
+    assert r0["weight"] == r1["weight"]

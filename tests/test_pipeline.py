@@ -95,11 +95,12 @@ def test_train_resumes_from_latest_checkpoint(chain):
     assert second["steps"] == 12
     latest = latest_checkpoint_uri(cfg2)
     assert storage.read_json(storage.join(latest, "manifest.json"))["step"] == 12
-    # Our upload (manifest last) under our names; Ray Train still deletes beyond num_to_keep.
+    # Rank 0's own upload (manifest last) under our names, and our retention of num_to_keep.
     from pipeline.train.trainer import complete_checkpoints
 
-    kept = [os.path.basename(u.rstrip("/")) for _, u in complete_checkpoints(cfg2)]
-    assert cfg2.train.num_to_keep == 2 and kept == ["checkpoint_00000009", "checkpoint_00000012"]
+    kept = complete_checkpoints(cfg2)
+    assert cfg2.train.num_to_keep == 2 and [step for step, _ in kept] == [9, 12]
+    assert all(os.path.basename(u.rstrip("/")).startswith(f"checkpoint_{step:08d}-") for step, u in kept)
     # Resuming under another noise schedule would continue a model trained for the old one: refused.
     cfg3 = config.load(TINY, chain["overrides"] + ["train.steps=14", "schedule.beta_schedule=scaled_linear"])
     with pytest.raises(config.ConfigError, match=r"schedule\.beta_schedule: checkpoint 'linear', config 'scaled_linear'"):

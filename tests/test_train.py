@@ -165,8 +165,8 @@ def test_caption_dropout_uses_the_empty_caption():
 
 def test_storage_checkpoint_listing_skips_unfinished_ones(tmp_path):
     """What `fit` resumes and `generate`/bench/fid_curve.py read: only checkpoints whose manifest
-    exists and whose files have the sizes it records, ordered by step (not by folder name); the
-    newest that also passes its sha256 is the one used."""
+    exists and whose files have the sizes it records, ordered by the manifest's step; the newest that
+    also passes its sha256 is the one used. Folders not named by us are neither listed nor removed."""
     from pipeline.train.checkpoint import save_checkpoint
     from pipeline.train.checkpoint_store import remove_incomplete
     from pipeline.train.trainer import complete_checkpoints, latest_checkpoint_uri
@@ -174,17 +174,57 @@ def test_storage_checkpoint_listing_skips_unfinished_ones(tmp_path):
     cfg = _cfg(f"run.storage={tmp_path}")
     run_dir = tmp_path / "checkpoints" / cfg.run.name
     assert latest_checkpoint_uri(cfg) is None
-    # Ray names folders by wall time, so names do not sort by step: "b" holds the earlier step.
-    for name, step in (("b", 4), ("a", 8), ("c", 12), ("e", 16)):
+    for name, step in (("00000004-bbbbbbbb", 4), ("00000008-aaaaaaaa", 8), ("00000012-cccccccc", 12),
+                       ("00000016-eeeeeeee", 16), ("2026-11-30_10-00-00.000000", 20)):
         save_checkpoint(str(run_dir / f"checkpoint_{name}"), {"w": torch.full((300,), float(step))}, {"step": step})
-    with open(run_dir / "checkpoint_c" / TENSORS_FILE, "r+b") as f:
+    with open(run_dir / "checkpoint_00000012-cccccccc" / TENSORS_FILE, "r+b") as f:
         f.truncate(10)  # a bad copy after the manifest
-    _flip_middle(run_dir / "checkpoint_e" / TENSORS_FILE, n=16)  # bit rot at equal size
-    (run_dir / "checkpoint_d").mkdir()  # a crash before the manifest
-    (run_dir / "checkpoint_d" / TENSORS_FILE).write_bytes(b"\x80partial")
+    _flip_middle(run_dir / "checkpoint_00000016-eeeeeeee" / TENSORS_FILE, n=16)  # bit rot at equal size
+    (run_dir / "checkpoint_00000024-dddddddd").mkdir()  # a crash before the manifest
+    (run_dir / "checkpoint_00000024-dddddddd" / TENSORS_FILE).write_bytes(b"\x80partial")
     found = complete_checkpoints(cfg)
     assert [(step, os.path.basename(uri.rstrip("/"))) for step, uri in found] == [
-        (4, "checkpoint_b"), (8, "checkpoint_a"), (16, "checkpoint_e")]
-    assert os.path.basename(latest_checkpoint_uri(cfg)) == "checkpoint_a"  # e fails its sha256
-    assert [os.path.basename(u) for u in remove_incomplete(str(run_dir))] == ["checkpoint_d"]
-    assert sorted(os.listdir(run_dir)) == ["checkpoint_a", "checkpoint_b", "checkpoint_c", "checkpoint_e"]
+        (4, "checkpoint_00000004-bbbbbbbb"), (8, "checkpoint_00000008-aaaaaaaa"), (16, "checkpoint_00000016-eeeeeeee")]
+    assert os.path.basename(latest_checkpoint_uri(cfg)) == "checkpoint_00000008-aaaaaaaa"  # 16 fails its sha256
+    assert [os.path.basename(u) for u in remove_incomplete(str(run_dir))] == ["checkpoint_00000024-dddddddd"]
+    assert sorted(os.listdir(run_dir)) == [
+        "checkpoint_00000004-bbbbbbbb", "checkpoint_00000008-aaaaaaaa", "checkpoint_00000012-cccccccc",
+        "checkpoint_00000016-eeeeeeee", "checkpoint_2026-11-30_10-00-00.000000"]
+
+
+@pytest.mark.parametrize("manifest", [
+    [], {"format": "rld-checkpoint-2"}, {"format": "rld-checkpoint-2", "step": 9, "files": {"tensors.safetensors": 5}},
+    {"format": "rld-checkpoint-2", "files": {"tensors.safetensors": {"size": 1, "sha256": "x"},
+                                             "state.json": {"size": 1, "sha256": "x"}}},
+], ids=["list", "no-files", "sizes-only", "no-step"])
+def test_a_malformed_manifest_is_one_more_untrusted_folder(tmp_path, manifest):
+    """A manifest of the wrong shape is refused like a corrupt file (listed as not trusted, older ones
+    used), never a crash of the listing that training and generate share."""
+    import json
+
+    from pipeline.train.checkpoint import MANIFEST_FILE, save_checkpoint
+    from pipeline.train.checkpoint_store import candidates, load_newest_trusted
+
+    save_checkpoint(str(tmp_path / "checkpoint_00000004"), {"w": torch.ones(3)}, {"step": 4})
+    save_checkpoint(str(tmp_path / "checkpoint_00000009"), {"w": torch.zeros(3)}, {"step": 9})
+    (tmp_path / "checkpoint_00000009" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(IncompleteCheckpoint):
+        load_checkpoint(str(tmp_path / "checkpoint_00000009"))
+    assert [s for s, _ in candidates(str(tmp_path))] == [4]
+    folder, state, _ = load_newest_trusted(str(tmp_path))
+    assert folder.endswith("checkpoint_00000004") and torch.equal(state["w"], torch.ones(3))
+
+
+def test_retention_keeps_the_newest_and_never_the_one_just_written(tmp_path):
+    from pipeline.train.checkpoint import save_checkpoint
+    from pipeline.train.checkpoint_store import candidates, save_to_storage
+
+    for step in (2, 4, 6):
+        save_checkpoint(str(tmp_path / "local"), {"w": torch.full((3,), float(step))}, {"step": step})
+        save_to_storage(str(tmp_path / "local"), str(tmp_path / "run"), step, num_to_keep=2)
+    assert [s for s, _ in candidates(str(tmp_path / "run"))] == [4, 6]
+    # A resumed run reaching step 4 again writes a new folder beside the old one, not over it.
+    save_checkpoint(str(tmp_path / "local"), {"w": torch.full((3,), 44.0)}, {"step": 4})
+    again = save_to_storage(str(tmp_path / "local"), str(tmp_path / "run"), 4, num_to_keep=2)
+    steps = candidates(str(tmp_path / "run"))
+    assert [s for s, _ in steps] == [4, 6] and steps[0][1] == again  # the older step-4 folder was pruned

@@ -290,6 +290,17 @@ def committed_files(latents_uri: str, split: str) -> list[str]:
     return [storage.join(latents_uri, split, name) for name in sorted(want)]
 
 
+def read_latents(latents_uri: str, split: str, columns: list[str]):
+    """A pyarrow Table of the split's committed latent files (exactly those `_COMMITTED` lists)."""
+    import pyarrow.parquet as pq
+
+    files = committed_files(latents_uri, split)
+    if not files:
+        raise FileNotFoundError(f"{latents_uri}: the {split} split has no encoded rows")
+    fs, _ = storage.pyarrow_fs(files[0])
+    return pq.ParquetDataset([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs).read(columns=columns)
+
+
 def load_null_text(latents_uri: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(io.BytesIO(_read_committed(latents_uri, "null_text.npz")), allow_pickle=False) as z:
         return z["emb"], z["mask"]

@@ -22,14 +22,12 @@ log = logging.getLogger(__name__)
 def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
     """Ho et al.'s bound in bits per latent dimension on held-out (test) latents with the EMA
     denoiser, split into reconstruction, prior-matching and summed denoising-matching terms."""
-    import pyarrow.parquet as pq
-
+    from pipeline.data.encode import read_latents
     from pipeline.eval.sample import load_ema_denoiser
     from pipeline.train.step import schedule_config
 
     n = cfg.eval.vlb_latents
-    fs, path = storage.pyarrow_fs(storage.join(cfg.latents_uri(), "test"))
-    table = pq.read_table(path, filesystem=fs, columns=["latent", "text_emb", "text_mask"]).slice(0, n)
+    table = read_latents(cfg.latents_uri(), "test", ["latent", "text_emb", "text_mask"]).slice(0, n)
     shape = manifest["latent_shape"]
     x0 = torch.tensor(np.stack([np.asarray(v, np.float32).reshape(shape) for v in table.column("latent").to_pylist()]))
     emb = torch.tensor(np.stack([np.asarray(v, np.float32) for v in table.column("text_emb").to_pylist()]))

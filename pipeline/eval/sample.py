@@ -108,8 +108,9 @@ def load_prompts(cfg, latents_uri: str) -> list[str]:
 
     src = cfg.generate.prompts
     if src in ("train", "test"):
-        fs, path = storage.pyarrow_fs(storage.join(latents_uri, src))
-        table = pq.read_table(path, filesystem=fs, columns=["key", "caption"])
+        from pipeline.data.encode import read_latents
+
+        table = read_latents(latents_uri, src, ["key", "caption"])
         rows = sorted(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))
         prompts = [c for _, c in rows]
     elif src.endswith(".txt"):

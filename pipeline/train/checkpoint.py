@@ -9,8 +9,8 @@ A checkpoint is a folder of two data files and, written last, a manifest:
 Nothing here unpickles: safetensors and JSON can only ever produce tensors, numbers, strings,
 lists and dicts, so a hostile file in the bucket cannot run code. `load_checkpoint` verifies every
 file against the manifest (size, then sha256) before reading it, so a truncated or bit-flipped file
-raises `CorruptCheckpoint` instead of being trained on; callers then fall back to an older one
-(`pipeline.train.trainer.load_newest_trusted`). No non-finite tensor is ever written.
+raises `IncompleteCheckpoint` instead of being trained on; callers then fall back to an older one
+(`pipeline.train.checkpoint_store.load_newest_trusted`). No non-finite tensor is ever written.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ class IncompleteCheckpoint(RuntimeError):
     truncated or with another sha256 than the manifest says, or an unknown (e.g. pickled) format."""
 
 
-CorruptCheckpoint = IncompleteCheckpoint  # the same rule: one kind of "do not trust this folder"
-
-
 class NonFiniteCheckpoint(ValueError):
     """A tensor about to be checkpointed holds NaN or Inf: refusing to write it."""
 
@@ -49,6 +46,8 @@ def to_tree(obj, tensors: dict, path: str = "s"):
     """A JSON-able tree of `obj`; tensors go into `tensors` under their path and are referenced.
     Anything but tensors, arrays, dicts, lists, tuples and JSON scalars is refused (never pickled)."""
     if isinstance(obj, torch.Tensor):
+        if path in tensors:  # a dict key holding "." could alias another path
+            raise ValueError(f"{path}: two tensors would share this name in the checkpoint")
         tensors[path] = obj.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
         return {"__tensor__": path}
     if isinstance(obj, np.ndarray):
@@ -100,7 +99,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # the checkpoint may have been loaded onto a GPU
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 
@@ -143,9 +142,9 @@ def save_checkpoint(folder: str, state: dict, info: dict) -> None:
     os.replace(tmp, os.path.join(folder, MANIFEST_FILE))
 
 
-def read_manifest(folder: str, verify_hashes: bool = True) -> dict:
-    """The manifest of a complete local checkpoint folder, every file checked against it (sizes, and
-    sha256 unless `verify_hashes` is False); IncompleteCheckpoint names what is wrong otherwise."""
+def read_manifest(folder: str) -> dict:
+    """The manifest of a complete local checkpoint folder, every file checked against it (size and
+    sha256); IncompleteCheckpoint names what is wrong otherwise."""
     path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.exists(path):
         raise IncompleteCheckpoint(f"{folder}: no {MANIFEST_FILE}; the checkpoint was never completed")
@@ -159,18 +158,28 @@ def read_manifest(folder: str, verify_hashes: bool = True) -> dict:
         p = os.path.join(folder, name)
         if not os.path.exists(p) or os.path.getsize(p) != want["size"]:
             raise IncompleteCheckpoint(f"{folder}: {name} is missing or truncated (expected {want['size']} bytes)")
-        if verify_hashes and sha256_file(p) != want["sha256"]:
+        if sha256_file(p) != want["sha256"]:
             raise IncompleteCheckpoint(f"{folder}: {name} does not match its sha256 in the manifest (corrupted)")
     return manifest
 
 
-def check_manifest_format(manifest: dict, where: str) -> None:
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT or not isinstance(files, dict) or set(files) != {TENSORS_FILE, STATE_FILE}:
+def check_manifest_format(manifest, where: str) -> None:
+    """IncompleteCheckpoint unless `manifest` is this format's: a step, and size + sha256 of exactly
+    the two data files (so a malformed manifest is one more untrusted folder, never a crash)."""
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != FORMAT:
         raise IncompleteCheckpoint(
-            f"{where}: not a {FORMAT} checkpoint (format {manifest.get('format')!r}); pickled checkpoints "
-            "(state.pt) of earlier versions are never loaded: train under a new run.name"
+            f"{where}: not a {FORMAT} checkpoint (format {fmt!r}); pickled checkpoints (state.pt) of "
+            "earlier versions are never loaded: train under a new run.name"
         )
+    files = manifest.get("files")
+    ok = (isinstance(files, dict) and set(files) == {TENSORS_FILE, STATE_FILE}
+          and all(isinstance(f, dict) and type(f.get("size")) is int and isinstance(f.get("sha256"), str)
+                  for f in files.values())
+          and type(manifest.get("step")) is int)
+    if not ok:
+        raise IncompleteCheckpoint(f"{where}: malformed {MANIFEST_FILE} (needs step, and size and sha256 of "
+                                   f"{TENSORS_FILE} and {STATE_FILE})")
 
 
 def load_checkpoint(folder: str, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:

@@ -1,22 +1,27 @@
 """Checkpoints in object storage: the one definition of "trusted" that training and generate share.
 
-A stored checkpoint folder (`<storage>/checkpoints/<run>/checkpoint_<step>/`) is trusted when it passes
-`checkpoint.read_manifest` after download: its manifest exists, has this code's format, and every file
-it lists has the recorded size and sha256. Listing (`candidates`) checks only the cheap part (manifest
-present, sizes); loading (`load_newest_trusted`) verifies the hashes and falls back, loudly, to the
-next older candidate when the newest fails. Ray Train's own registry is not consulted: a folder Ray
-never registered (the driver died between upload and registration) is trusted by the same rule.
+A stored checkpoint folder (`<storage>/checkpoints/<run>/checkpoint_<step>-<attempt>/`) is trusted when
+it passes `checkpoint.read_manifest` after download: its manifest exists, has this code's format, and
+every file it lists has the recorded size and sha256. Listing (`candidates`) checks only the cheap
+part (manifest present and well-formed, sizes); loading (`load_newest_trusted`) verifies the hashes
+and falls back, loudly, to the next older candidate when the newest fails.
 
-Uploads go files first, manifest last (`upload_checkpoint`, Ray Train's `checkpoint_upload_fn`), so
-a reader that finds the manifest in storage finds the whole checkpoint. Folders without a manifest are
-never trusted; `fit` deletes them before training starts (`remove_incomplete`).
+This module, not Ray Train's checkpoint registry, owns the folders: rank 0 uploads each checkpoint
+itself (`save_to_storage`: files first, manifest last, under a name no earlier attempt used) and then
+deletes the oldest trusted ones beyond `num_to_keep` (`prune`), only ever after a newer one is in
+place. Ray Train is told metrics only, so its registry can never point at a folder this module
+replaced or deleted. Folders without a manifest are never trusted; `fit` deletes them before
+training starts (`remove_incomplete`). Folders that fail verification are skipped, and kept as
+evidence until retention reaches them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
+import uuid
 
 from pipeline import storage
 from pipeline.train.checkpoint import (
@@ -28,19 +33,23 @@ from pipeline.train.checkpoint import (
 
 log = logging.getLogger(__name__)
 
-PREFIX = "checkpoint_"
+_NAME = re.compile(r"checkpoint_\d{8}(-[0-9a-f]{8})?")
+"""Our folder names (`checkpoint_<step>-<attempt>`); anything else under the run (Ray Train's own
+files, folders of older versions) is neither trusted nor touched."""
 
 
 def folder_name(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
+    """A new folder name for a checkpoint at `step`: a resumed run that reaches the same step again
+    writes beside, never over, what an earlier attempt left (which may be evidence, or in use)."""
+    return f"checkpoint_{step:08d}-{uuid.uuid4().hex[:8]}"
 
 
 def _folders(run_uri: str) -> list[str]:
-    return [u for u in storage.ls(run_uri) if u.rstrip("/").rsplit("/", 1)[-1].startswith(PREFIX)]
+    return [u for u in storage.ls(run_uri) if _NAME.fullmatch(u.rstrip("/").rsplit("/", 1)[-1])]
 
 
 def candidates(run_uri: str) -> list[tuple[int, str]]:
-    """(step, folder) of checkpoints under `run_uri` whose manifest exists, has this format and whose
+    """(step, folder) of checkpoints under `run_uri` whose manifest exists, is well-formed and whose
     files have the recorded sizes; oldest first. Hashes are checked on load."""
     found = []
     for folder in _folders(run_uri):
@@ -50,14 +59,13 @@ def candidates(run_uri: str) -> list[tuple[int, str]]:
         try:
             manifest = storage.read_json(manifest_uri)
             check_manifest_format(manifest, folder)
-        except (IncompleteCheckpoint, ValueError) as e:
+            for name, f in manifest["files"].items():
+                if storage.size(storage.join(folder, name)) != f["size"]:
+                    raise IncompleteCheckpoint(f"{folder}: {name} is missing or has another size than its manifest says")
+        except (IncompleteCheckpoint, ValueError, OSError) as e:
             log.error("checkpoint %s is not trusted: %s", folder, e)
             continue
-        sizes_ok = all(storage.size(storage.join(folder, name)) == f["size"] for name, f in manifest["files"].items())
-        if sizes_ok:
-            found.append((int(manifest["step"]), folder))
-        else:
-            log.error("checkpoint %s is not trusted: a file is missing or has another size than its manifest says", folder)
+        found.append((manifest["step"], folder))
     return sorted(found)
 
 
@@ -68,8 +76,8 @@ def fetch(folder_uri: str, local_dir: str, map_location="cpu") -> tuple[dict, di
 
 def load_newest_trusted(run_uri: str, map_location="cpu") -> tuple[str, dict, dict] | None:
     """(folder, state, manifest) of the newest checkpoint under `run_uri` that verifies, or None.
-    A newer one that fails verification is reported as an error and skipped (never deleted: it is
-    evidence; it is also never trusted)."""
+    A newer one that fails verification is reported as an error and skipped (not deleted here: it is
+    evidence, until retention prunes it as it would any older checkpoint)."""
     for step, folder in reversed(candidates(run_uri)):
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -89,12 +97,32 @@ def newest_trusted_uri(run_uri: str) -> str | None:
 
 
 def upload_checkpoint(local_folder: str, dest_uri: str) -> None:
-    """Copy a local checkpoint folder to storage: data files first, the manifest last. Anything
-    already at `dest_uri` (a crashed earlier attempt at the same step) is removed first."""
-    storage.rm(dest_uri)
+    """Copy a local checkpoint folder to storage: data files first, the manifest last."""
     names = sorted(n for n in os.listdir(local_folder) if n != MANIFEST_FILE)
     for name in names + [MANIFEST_FILE]:
         storage.upload_file(os.path.join(local_folder, name), storage.join(dest_uri, name))
+
+
+def save_to_storage(local_folder: str, run_uri: str, step: int, num_to_keep: int) -> str:
+    """Upload a checkpoint written by `checkpoint.save_checkpoint` under a new name, then prune.
+    Returns its folder URI."""
+    dest = storage.join(run_uri, folder_name(step))
+    upload_checkpoint(local_folder, dest)
+    prune(run_uri, num_to_keep, keep=dest)
+    return dest
+
+
+def prune(run_uri: str, num_to_keep: int, keep: str | None = None) -> list[str]:
+    """Delete the oldest listed checkpoints beyond the newest `num_to_keep` (never `keep`, the one
+    just written). Folders that are not listed (unfinished or failing their size check) are left
+    alone here. Returns what was deleted."""
+    listed = [folder for _, folder in candidates(run_uri)]
+    others = [folder for folder in listed if folder != keep]
+    spare = max(num_to_keep - (keep in listed), 0)  # how many of the others stay
+    doomed = others[:len(others) - spare]
+    for folder in doomed:
+        storage.rm(folder)
+    return doomed
 
 
 def remove_incomplete(run_uri: str) -> list[str]:

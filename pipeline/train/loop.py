@@ -94,7 +94,7 @@ def run_loop(
     window = MetricWindow(state.noise_scheduler.config.num_train_timesteps if state.noise_scheduler else None)
     total = loop.steps
     resumed_from = state.step
-    max_nonfinite = getattr(loop, "max_nonfinite_steps", 10)
+    max_nonfinite = loop.max_nonfinite_steps
     in_a_row = 0
     if state.step >= total:  # nothing left to do: say so, so the caller still sees where training stands
         report({"step": state.step, "epoch": state.epoch, "resumed_from": resumed_from, "loss": float("nan")}, None)
@@ -174,16 +174,19 @@ def ray_worker(config: dict) -> None:
         )
         step_fn, loop = train_step, cfg.train
     # One rule for what to resume from, here and in generate: the newest stored checkpoint that verifies
-    # (checkpoint_store), not Ray Train's registry.
+    # (checkpoint_store), not Ray Train's registry. Rank 0 chooses; every rank loads that folder.
     from pipeline.train import checkpoint_store
 
-    found = checkpoint_store.load_newest_trusted(config["run_uri"], map_location=device)
-    if found:
-        folder, sd, _ = found
+    found = checkpoint_store.load_newest_trusted(config["run_uri"], map_location=device) if rank == 0 else None
+    folder, sd = (found[0], found[1]) if found else (None, None)
+    folder = _agree(folder, rank, world, device)
+    if folder and sd is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            sd, _ = checkpoint_store.fetch(folder, tmp, map_location=device)
+    if folder:
         load_state_dict(state, sd)
         if rank == 0:
             log.info("resumed from %s: step %d (epoch %d, batch %d)", folder, state.step, state.epoch, state.batch_in_epoch)
-    _check_same_step(state.step, world, device)
 
     # Metric history for the report's curves: rank 0 rewrites one small JSON per report; on resume the
     # entries past the restored step (written after the checkpoint we resumed from) are dropped.
@@ -205,7 +208,11 @@ def ray_worker(config: dict) -> None:
             local_shuffle_seed=(cfg.run.seed * 7919 + epoch * 31 + rank) if loop.shuffle_buffer else None,
         )
 
+    last: dict = {}
+
     def report(metrics: dict, ckpt_state: TrainState | None) -> None:
+        last.clear()
+        last.update(metrics)
         if rank == 0:
             print(format_metrics(metrics, loop.steps), flush=True)
             if history_uri and "lr" in metrics:
@@ -214,34 +221,32 @@ def ray_worker(config: dict) -> None:
         if ckpt_state is None:
             ray.train.report(metrics)
             return
-        name = checkpoint_store.folder_name(ckpt_state.step)
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
+        if rank == 0:  # our upload (manifest last) and retention; Ray Train is told metrics only
+            with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state, config.get("data_identity")))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
-                                 checkpoint_upload_fn=upload)
-            else:
-                ray.train.report(metrics, checkpoint_dir_name=name)
-
-    def upload(checkpoint, dir_name: str):
-        # Ours, not pyarrow's copy_files: the manifest must reach storage after the files it lists.
-        checkpoint_store.upload_checkpoint(checkpoint.path, storage.join(config["run_uri"], dir_name))
-        ctx_storage = ray.train.get_context().get_storage()
-        return ray.train.Checkpoint(path=ctx_storage.build_checkpoint_path_from_name(dir_name),
-                                    filesystem=ctx_storage.storage_filesystem)
+                checkpoint_store.save_to_storage(tmp, config["run_uri"], ckpt_state.step, loop.num_to_keep)
+        ray.train.report(metrics)
 
     autocast = torch.bfloat16 if device.type == "cuda" and loop.mixed_precision == "bf16" else None
     run_loop(cfg, state, batches, report, step_fn=step_fn, loop=loop, world_size=world, autocast_dtype=autocast)
+    if rank == 0:  # what fit() returns: Ray Train's Result carries metrics only with a checkpoint
+        storage.write_json(config["result_uri"], last)
 
 
-def _check_same_step(step: int, world: int, device) -> None:
-    """Every rank must resume from the same checkpoint (each verified its own download)."""
+def _agree(folder: str | None, rank: int, world: int, device) -> str | None:
+    """Rank 0's choice of checkpoint folder, on every rank (sent as bytes over the process group)."""
     if world < 2 or not torch.distributed.is_initialized():
-        return
-    t = torch.tensor([step, -step], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    if int(t[0]) != -int(t[1]):
-        raise RuntimeError(f"ranks resumed from different checkpoints (steps {-int(t[1])}..{int(t[0])})")
+        return folder
+    size = 512
+    buf = torch.zeros(size, dtype=torch.uint8, device=device)
+    if rank == 0 and folder:
+        data = folder.encode()
+        if len(data) > size:
+            raise ValueError(f"checkpoint URI longer than {size} bytes: {folder}")
+        buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    torch.distributed.broadcast(buf, src=0)
+    data = bytes(buf.cpu().tolist()).rstrip(b"\0")
+    return data.decode() or None
 
 
 def train_locally(cfg, manifest: dict, null_emb, null_mask, data: dict, out_dir: str, *, device="cpu") -> list[dict]:

@@ -1,9 +1,9 @@
 """Launching the denoiser's training on Ray Train (TorchTrainer, DDP, checkpoints in object storage).
 
-Checkpoints live at `<storage>/checkpoints/<run.name>/`. Ray Train V2 keeps a snapshot of the
-checkpoints it registered there, so calling `fit` again with the same run name hands the latest
-complete checkpoint to the workers (`ray.train.get_checkpoint()`), and the loop continues from its
-step, epoch and batch position up to the (possibly raised) `train.steps`.
+Checkpoints live at `<storage>/checkpoints/<run.name>/`, written and pruned by rank 0 through
+`checkpoint_store` (Ray Train is told metrics only). Calling `fit` again with the same run name
+makes the workers resume from the newest checkpoint there that verifies, and the loop continues
+from its step, epoch and batch position up to the (possibly raised) `train.steps`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def fit(cfg, task: str = "denoiser") -> dict:
     checkpoint_store.remove_incomplete(run_uri(cfg, task))
     loop_config: dict = {"cfg": cfg.to_dict(), "task": task, "data_identity": data_identity,
                          "run_uri": run_uri(cfg, task),
-                         "history_uri": storage.join(cfg.outputs_uri(), f"{task}_metrics.json")}
+                         "history_uri": storage.join(cfg.outputs_uri(), f"{task}_metrics.json"),
+                         "result_uri": storage.join(cfg.outputs_uri(), f"{task}_result.json")}
     if task == "vae":
         loop = cfg.vae_train
         dataset = image_dataset(cfg)
@@ -120,6 +121,7 @@ def fit(cfg, task: str = "denoiser") -> dict:
         dataset = dataset.materialize()
     storage.ensure_bucket(cfg.checkpoints_uri())
     storage.makedirs(cfg.checkpoints_uri())
+    storage.rm(loop_config["result_uri"])  # written by rank 0 at the end of this fit, never an earlier one's
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
         train_loop_config=loop_config,
@@ -127,7 +129,6 @@ def fit(cfg, task: str = "denoiser") -> dict:
         run_config=ray.train.RunConfig(
             name=run_name(cfg, task),
             storage_path=storage.ray_path(cfg.checkpoints_uri()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=loop.num_to_keep),
         ),
         datasets={"train": dataset},
         torch_config=dist.torch_config(),  # on a loopback cluster the store binds 127.0.0.1 only
@@ -136,14 +137,14 @@ def fit(cfg, task: str = "denoiser") -> dict:
     # fit() installs Ray Train's SIGINT handler and leaves it in place: without this, Ctrl-C during a
     # later stage of this driver (e.g. generation) would do nothing, and during fit() would exit silently.
     with keep_python_sigint_handler():
-        result = trainer.fit()
-    metrics = result.metrics or {}
+        trainer.fit()
+    metrics = storage.read_json(loop_config["result_uri"])  # rank 0's last report of this fit
     summary = {
         "task": task,
         "steps": int(metrics.get("step", 0)),
         "final_loss": metrics.get("loss"),
         "resumed_from": int(metrics.get("resumed_from", 0)),
-        "checkpoint": (complete_checkpoints(cfg, task) or [(0, None)])[-1][1],
+        "checkpoint": latest_checkpoint_uri(cfg, task),  # what generate will load
         "seconds": round(time.time() - t0, 2),
         "num_workers": loop.num_workers,
         "use_gpu": use_gpu,
