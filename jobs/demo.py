@@ -36,7 +36,7 @@ def _stop_on_sigterm(signum, frame):
 def local_driver(cfg, run_dir: str):
     """This process as the Ray driver of a private S3 server and Ray head under `run_dir`, storage
     prepared; both are stopped on leaving, also on an error, Ctrl-C or SIGTERM. Yields (s3, head)."""
-    from pipeline.local import RAY_ENV_DEFAULTS
+    from pipeline.dev.ray_head import RAY_ENV_DEFAULTS
 
     # Read by Ray at import: makes this driver, too, use 127.0.0.1 rather than the machine's address.
     for k, v in RAY_ENV_DEFAULTS.items():
@@ -44,7 +44,7 @@ def local_driver(cfg, run_dir: str):
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     import ray
 
-    from pipeline.local import local_services
+    from pipeline.dev.services import local_services
 
     with local_services(run_dir, bucket=_bucket(cfg)) as (s3, head):
         print(f"local S3 at {s3.endpoint} (bucket {s3.bucket}), Ray head at {head.address}, "

@@ -62,7 +62,7 @@ def connect_ray(address: str | None = None) -> None:
     if target is None:
         raise RuntimeError("no Ray cluster address: pass --ray-address or set RAY_ADDRESS, "
                            "or use `with cli.ray_session():` to start a private local cluster")
-    from pipeline.local import reclaim_sigterm
+    from pipeline.dev.ray_head import reclaim_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
     ray.init(address=target, log_to_driver=True)
@@ -75,7 +75,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
     - Already connected (e.g. inside jobs.demo): nothing is done.
     - `address` (--ray-address) or RAY_ADDRESS (set by `ray job submit`): join that cluster.
-    - Neither: start a private Ray head on 127.0.0.1 (pipeline.local.LocalRay, token auth with a
+    - Neither: start a private Ray head on 127.0.0.1 (pipeline.dev.ray_head.LocalRay, token auth with a
       token of its own, in a short temporary run folder), and stop it when the block ends, also on
       an error, Ctrl-C or SIGTERM. Its folder is removed after a clean end and kept (path printed)
       after a failure, for its logs. The S3 variables in os.environ reach its workers.
@@ -94,7 +94,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             ray.shutdown()
         return
 
-    from pipeline.local import RAY_ENV_DEFAULTS, local_ray
+    from pipeline.dev.ray_head import RAY_ENV_DEFAULTS
+    from pipeline.dev.services import local_ray
 
     for k, v in RAY_ENV_DEFAULTS.items():  # as the head's: 127.0.0.1 only, no usage stats
         os.environ.setdefault(k, v)

@@ -23,7 +23,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # the project need not be pip-installed to be tested
     sys.path.insert(0, _REPO)
 
-from pipeline.local import LocalRay, SeaweedS3  # noqa: E402
+from pipeline.dev.ray_head import LocalRay  # noqa: E402
+from pipeline.dev.s3 import SeaweedS3  # noqa: E402
 
 
 @pytest.fixture(scope="session")

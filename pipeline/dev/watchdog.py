@@ -1,7 +1,7 @@
 """Nothing of a run outlives its driver: a lock file in the run folder and a watchdog process.
 
-`pipeline.local.local_services` starts SeaweedFS and a Ray head in sessions of their own, so that a
-Ctrl-C in the terminal reaches only the driver, which then stops them in order. A driver that dies
+`pipeline.dev.services.local_services` starts SeaweedFS and a Ray head in sessions of their own, so
+that a Ctrl-C in the terminal reaches only the driver, which then stops them in order. A driver that dies
 without running its `finally` blocks (SIGKILL, the OOM killer, SIGHUP when the terminal closes, a
 crash in native code) would leave them behind: the orphaned `weed` keeps the filer lock of RUN_DIR/s3
 and the next run of that folder fails. Two layers prevent that:
@@ -10,7 +10,7 @@ and the next run of that folder fails. Two layers prevent that:
    service comes up (driver and service pids with their psutil create_time, session ids, ports),
    removed on a clean stop. A driver that finds the file refuses the folder if the recorded driver
    still runs (same pid and create_time), else stops what the killed run left and carries on.
-2. A watchdog (`python pipeline/watchdog.py --lock RUN_DIR/services.json --token T`), started in a
+2. A watchdog (`python pipeline/dev/watchdog.py --lock RUN_DIR/services.json --token T`), started in a
    session of its own (a Ctrl-C or kill of the driver's process group does not reach it): it polls
    the driver every 0.5 s and, once the driver is gone, stops the run's processes, removes the lock
    file and exits. The driver stops it after a clean stop; it also exits on its own once the lock
@@ -30,14 +30,13 @@ import os
 import sys
 
 if __name__ == "__main__":
-    # Run by path (python pipeline/watchdog.py): Python put pipeline/ first on sys.path, where its
-    # modules (config, storage, ...) would shadow top-level names. Put the repository root there
-    # instead, so `pipeline` is importable for the log collection.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Run by path (python pipeline/dev/watchdog.py): Python put pipeline/dev/ first on sys.path,
+    # where its modules (s3, processes, ...) would shadow top-level names. Put the repository root
+    # there instead, so `pipeline` is importable for the clean-up (pipeline.dev.s3, .ray_head).
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import contextlib
-import glob
 import json
 import logging
 import secrets
@@ -275,21 +274,15 @@ def stop_run(record: dict, exclude: tuple[int, ...] = ()) -> list[dict]:
 
 def _remove_service_files(record: dict) -> None:
     """weed's local sockets (a clean stop removes them) and Ray's short /tmp temp dir, its logs kept."""
+    from pipeline.dev.ray_head import LocalRay
+    from pipeline.dev.s3 import remove_leftover_sockets
+
     run_dir = record.get("run_dir")
     weed = record.get("services", {}).get("weed", {})
-    leftovers = []
-    if run_dir:
-        leftovers += [os.path.join(run_dir, "tmp", f"{kind}.sock") for kind in ("filer", "s3")]
-    for port in (weed.get("ports") or {}).values():
-        leftovers += glob.glob(f"/tmp/seaweedfs-*-{int(port)}.sock")
-    for path in leftovers:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    remove_leftover_sockets(run_dir, (weed.get("ports") or {}).values())
     ray = record.get("services", {}).get("ray", {})
     if run_dir and ray.get("fallback_temp_dir") and os.path.isdir(ray.get("temp_dir", "")):
         try:
-            from pipeline.local import LocalRay
-
             head = LocalRay(run_dir)
             if head.temp_dir == ray["temp_dir"]:
                 head._collect_fallback_logs()

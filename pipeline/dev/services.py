@@ -1,0 +1,106 @@
+"""The context managers a driver uses: `local_services` (S3 server, then a Ray head), `local_ray` (a
+Ray head alone), both guarded against a killed driver (`guarded_run_dir`) and SIGTERM
+(`sigterm_raises_exit`). Why they are careful about processes: see the `pipeline.dev` package doc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator, Mapping
+
+from pipeline.dev.ray_head import LocalRay
+from pipeline.dev.s3 import SeaweedS3
+from pipeline.dev.watchdog import TOKEN_ENV, RunLock
+
+
+@contextlib.contextmanager
+def sigterm_raises_exit() -> Iterator[None]:
+    """While inside, SIGTERM raises SystemExit(143) in the main thread instead of killing us outright.
+
+    `timeout`, `kill` and schedulers send SIGTERM; by default Python then dies without running
+    `finally` blocks, leaving the services running. Only the default handler is replaced, and the
+    previous one is restored on exit; elsewhere than the main thread this does nothing.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def _raise(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def guarded_run_dir(run_dir: str):
+    """Hold RUN_DIR for this process while inside: RUN_DIR/services.json and a watchdog process
+    (pipeline.dev.watchdog) that stops the services recorded in it if this process dies without
+    cleaning up (SIGKILL, OOM killer, closed terminal). Yields the RunLock: put `{TOKEN_ENV:
+    lock.token}` into each service's environment and `lock.add_service(...)` once it is up.
+
+    A folder whose services.json names a driver that still runs raises RunDirInUse; one left by a
+    killed run is cleaned up first (its leftover processes are stopped, a warning says which).
+    """
+    lock = RunLock(run_dir).acquire()
+    try:
+        lock.start_watchdog()
+        yield lock
+    finally:
+        lock.release()
+
+
+def _record_ray(lock, head: "LocalRay") -> None:
+    lock.add_service("ray", sid=head._pgid, ports=head.ports, temp_dir=head.temp_dir,
+                     fallback_temp_dir=head.uses_fallback_temp_dir)
+
+
+@contextlib.contextmanager
+def local_services(
+    run_dir: str,
+    num_cpus: int | None = None,
+    bucket: str = "rld",
+) -> Iterator[tuple[SeaweedS3, LocalRay]]:
+    """S3 server, then a Ray head that inherits its credentials; stopped in reverse order on exit.
+
+    Yields (s3, ray_head). While inside, os.environ holds the S3 variables (so this process's
+    storage helpers and ray.init() drivers reach the server); they are restored on exit, also on
+    exceptions, KeyboardInterrupt and SIGTERM (see sigterm_raises_exit). Connect a driver with
+    `ray_head.connect()`.
+
+    A driver that dies without cleaning up (SIGKILL, OOM killer, closed terminal) leaves nothing
+    behind either (guarded_run_dir, pipeline.dev.watchdog): RUN_DIR/services.json records this driver
+    and the services' processes while they run, and a watchdog process in a session of its own
+    stops them once this process is gone. Entering on a folder whose services.json names a driver
+    that still runs raises RunDirInUse; one left by a killed run is cleaned up first.
+    """
+    with sigterm_raises_exit(), guarded_run_dir(run_dir) as lock:
+        marker = {TOKEN_ENV: lock.token}  # lets the watchdog find every service process, Ray workers too
+        with SeaweedS3(run_dir, bucket=bucket, env=marker) as s3:
+            lock.add_service("weed", sid=s3.pid, ports=s3.ports)
+            s3.apply_env()
+            head = LocalRay(run_dir, num_cpus=num_cpus, env={**s3.env, **marker})
+            lock.add_marker(head.temp_dir)
+            with head:
+                _record_ray(lock, head)
+                yield s3, head
+
+
+@contextlib.contextmanager
+def local_ray(run_dir: str, num_cpus: int | None = None, env: Mapping[str, str] | None = None,
+              **kwargs) -> Iterator[LocalRay]:
+    """`with LocalRay(run_dir, ...) as head`, with local_services' protection against a killed driver
+    (guarded_run_dir: RUN_DIR/services.json and a watchdog) and SIGTERM (sigterm_raises_exit).
+    Other keyword arguments go to LocalRay."""
+    with sigterm_raises_exit(), guarded_run_dir(run_dir) as lock:
+        head = LocalRay(run_dir, num_cpus=num_cpus, env={**(env or {}), TOKEN_ENV: lock.token}, **kwargs)
+        lock.add_marker(head.temp_dir)
+        with head:
+            _record_ray(lock, head)
+            yield head
