@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from pipeline import storage
-from pipeline.train.trainer import fit, latest_checkpoint_uri
+from pipeline.train.trainer import fit
 from pipeline.train.vae_export import evaluate_vae, export_vae, latent_std, load_trained_vae
 
 
@@ -14,7 +14,7 @@ def train_vae(cfg) -> dict:
 
     t0 = time.time()
     trained = fit(cfg, task="vae")
-    checkpoint = latest_checkpoint_uri(cfg, "vae")
+    checkpoint = trained["checkpoint"]  # fit already chose (downloaded and verified) it
     vae = load_trained_vae(cfg, checkpoint)
     train_images, _ = split_images(cfg, "train", cfg.vae_train.scale_images)
     std = latent_std(vae, train_images)
