@@ -234,8 +234,10 @@ class LoopSection:
     """Checkpoint every this many steps (and always at the end)."""
     num_to_keep: int = field(default=2, metadata=_at_least(1))
     """Committed checkpoints kept; older ones are deleted only after a newer one is committed."""
-    shuffle_buffer: int = field(default=256, metadata=_at_least(0))
-    """Rows in each worker's local shuffle buffer."""
+    max_failures: int = field(default=0, metadata=_ADDED_LATER | _at_least(0))
+    """Times Ray Train restarts the worker group after a lost worker or node (FailureConfig); each restart resumes from the newest checkpoint that verifies (0: the first failure ends the run)."""
+    placement_strategy: str = field(default="PACK", metadata=_ADDED_LATER | _choices("PACK", "SPREAD", "STRICT_SPREAD"))
+    """Where Ray puts the workers: PACK fills a node first, SPREAD prefers one worker per node (and still runs when nodes are lost), STRICT_SPREAD requires it."""
     max_nonfinite_steps: int = field(default=10, metadata=_ADDED_LATER | _at_least(1))
     """Consecutive steps with a non-finite loss or gradient (each one skipped, not applied) that stop the run with an error."""
 
@@ -330,6 +332,16 @@ class EvalSection:
 
 
 @dataclass
+class IOSection:
+    """How every stage talks to object storage (s3fs in the driver and actors, pyarrow in Ray Data)."""
+
+    timeout_s: float = field(default=60.0, metadata=_ADDED_LATER | _above(0))
+    """Seconds to wait for the storage endpoint to connect or to answer one request; a longer stall ends the stage with an error naming the endpoint."""
+    max_attempts: int = field(default=8, metadata=_ADDED_LATER | _at_least(1))
+    """Attempts per storage request, the first included: 503 SlowDown, throttling, connection resets and timeouts are retried with exponential backoff."""
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -343,6 +355,7 @@ class Config:
     generate: GenerateSection = field(default_factory=GenerateSection)
     fid: FIDSection = field(default_factory=FIDSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    io: IOSection = field(default_factory=IOSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -282,7 +282,7 @@ def test_cross_field_checks_name_both_keys(overrides, must_mention):
         ["schedule.beta_schedule=squaredcos_cap_v2", "schedule.beta_start=0.9", "schedule.beta_end=0.5"],  # ignored
         ["data.image_size=17", "vae.source=pretrained", "vae.pretrained=some/vae"],  # factor unknown until loaded
         ["text_encoder.pretrained=some/t5", "text_encoder.num_heads=64"],  # the tiny T5's sizes are unused
-        ["schedule.num_train_timesteps=10", "eval.sweep_samplers=[ddpm:10]", "train.shuffle_buffer=0"],
+        ["schedule.num_train_timesteps=10", "eval.sweep_samplers=[ddpm:10]", "train.max_failures=0"],
     ],
 )
 def test_cross_field_checks_allow_what_works(overrides):

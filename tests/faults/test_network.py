@@ -25,7 +25,7 @@ from pipeline.dev.ray_head import LocalRay, RayAuthError, wait_job_server
 from pipeline.dev.s3 import SeaweedS3
 from pipeline.train import dist as rld_dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 RAY_BIN = os.path.join(os.path.dirname(sys.executable), "ray")
 

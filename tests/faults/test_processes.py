@@ -29,7 +29,7 @@ from pipeline.dev.ray_head import LocalRay
 from pipeline.dev.s3 import SeaweedS3
 from pipeline.dev.services import local_services
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 

@@ -23,7 +23,7 @@ from pipeline.train.checkpoint import (
     sha256_file,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MANIFEST = {"latent_shape": [4, 8, 8], "text_shape": [16, 32]}
 NULL = (torch.zeros(16, 32), torch.ones(16, dtype=torch.int64))
 
