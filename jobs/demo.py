@@ -1,7 +1,7 @@
 """The whole pipeline on one machine: a local S3 server and Ray head, then
 ingest -> [train_vae] -> encode -> train -> generate + FID, and everything started is stopped again.
 
-    python -m jobs.demo --config configs/demo.yaml --run-dir runs/demo [section.key=value ...]
+    python -m jobs.demo --config configs/demo.yaml --run-dir runs/demo [--nodes 2] [section.key=value ...]
 
 Writes RUN_DIR/summary.json and RUN_DIR/grid.png; Ray's and SeaweedFS's files stay under RUN_DIR.
 """
@@ -33,9 +33,10 @@ def _stop_on_sigterm(signum, frame):
 
 
 @contextlib.contextmanager
-def local_driver(cfg, run_dir: str):
-    """This process as the Ray driver of a private S3 server and Ray head under `run_dir`, storage
-    prepared; both are stopped on leaving, also on an error, Ctrl-C or SIGTERM. Yields (s3, head)."""
+def local_driver(cfg, run_dir: str, nodes: int = 1):
+    """This process as the Ray driver of a private S3 server and Ray head under `run_dir` (a cluster of
+    `nodes` Ray nodes on loopback addresses if > 1), storage prepared; both are stopped on leaving,
+    also on an error, Ctrl-C or SIGTERM. Yields (s3, head)."""
     from pipeline.dev.ray_head import RAY_ENV_DEFAULTS
 
     # Read by Ray at import: makes this driver, too, use 127.0.0.1 rather than the machine's address.
@@ -46,9 +47,12 @@ def local_driver(cfg, run_dir: str):
 
     from pipeline.dev.services import local_services
 
-    with local_services(run_dir, bucket=_bucket(cfg)) as (s3, head):
-        print(f"local S3 at {s3.endpoint} (bucket {s3.bucket}), Ray head at {head.address}, "
-              f"dashboard {head.dashboard_url}", flush=True)
+    # Several nodes share the machine's CPUs (at least one Ray CPU each): the point is several raylets
+    # that can fail apart, as on a cluster, not more compute.
+    cpus = max(1, (os.cpu_count() or 2) // nodes) if nodes > 1 else None
+    with local_services(run_dir, bucket=_bucket(cfg), nodes=nodes, num_cpus=cpus) as (s3, head):
+        print(f"local S3 at {s3.endpoint} (bucket {s3.bucket}), Ray head at {head.address}"
+              + (f" with {nodes - 1} more node(s)" if nodes > 1 else "") + f", dashboard {head.dashboard_url}", flush=True)
         head.connect(log_to_driver=True, logging_level=logging.INFO)
         try:
             cli.prepare_storage(cfg)
@@ -57,7 +61,7 @@ def local_driver(cfg, run_dir: str):
             ray.shutdown()
 
 
-def run(cfg, run_dir: str) -> dict:
+def run(cfg, run_dir: str, nodes: int = 1) -> dict:
     from jobs import generate as generate_job
     from pipeline.data.encode import encode
     from pipeline.data.ingest import ingest
@@ -75,7 +79,7 @@ def run(cfg, run_dir: str) -> dict:
         return out
 
     t_start = time.time()
-    with local_driver(cfg, run_dir):
+    with local_driver(cfg, run_dir, nodes):
         ingested = timed("ingest", lambda: ingest(cfg))
         vae = timed("train_vae", lambda: train_vae(cfg)) if cfg.vae.source == "trained" else None
         manifest = timed("encode", lambda: encode(cfg))
@@ -117,11 +121,19 @@ def run(cfg, run_dir: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg, args = cli.parse(__doc__, argv, extra=lambda p: p.add_argument("--run-dir", default="runs/demo"))
+    def extra(p):
+        p.add_argument("--run-dir", default="runs/demo")
+        p.add_argument("--nodes", type=int, default=1,
+                       help="Ray nodes to start on this machine (head on 127.0.0.2, the others after it); default 1 "
+                            "(a single head on 127.0.0.1)")
+
+    cfg, args = cli.parse(__doc__, argv, extra=extra)
+    if args.nodes < 1:
+        raise SystemExit(f"--nodes: must be at least 1, got {args.nodes}")
     cli.setup_logging()
     run_dir = os.path.abspath(args.run_dir)
     try:
-        summary = run(cfg, run_dir)
+        summary = run(cfg, run_dir, args.nodes)
     except KeyboardInterrupt:
         # The services are stopped by now (local_driver's context managers). Stages keep what they
         # committed: running the same command again resumes.

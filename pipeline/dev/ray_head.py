@@ -152,8 +152,10 @@ class LocalRay:
         env: Mapping[str, str] | None = None,
         start_timeout: float = 90.0,
         stop_timeout: float = 15.0,
+        host: str = HOST,
     ) -> None:
         self.run_dir = os.path.abspath(run_dir)
+        self.host = host
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.extra_env = dict(env or {})
@@ -189,11 +191,11 @@ class LocalRay:
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self._port('port')}"
+        return f"{self.host}:{self._port('port')}"
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://{HOST}:{self._port('dashboard-port')}"
+        return f"http://{self.host}:{self._port('dashboard-port')}"
 
     def _port(self, flag: str) -> int:
         if flag not in self.ports:
@@ -212,6 +214,8 @@ class LocalRay:
         for k, v in RAY_ENV_DEFAULTS.items():
             env.setdefault(k, v)
         env.update(self.extra_env)
+        if self.host != HOST:  # a head other nodes join (pipeline.dev.cluster): Ray refuses them otherwise
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
         env.pop("RAY_AUTH_TOKEN_PATH", None)  # RAY_AUTH_TOKEN wins anyway; leave no doubt which token
         env.update(self.auth_env)
         env.update({k: str(port) for k, port in self.env_ports.items()})
@@ -247,8 +251,8 @@ class LocalRay:
         cmd = [
             ray, "start", "--head",
             "--include-dashboard=true",  # Ray Train 2.60 uses the State API; `ray job submit` needs it
-            f"--dashboard-host={HOST}",
-            f"--node-ip-address={HOST}",
+            f"--dashboard-host={self.host}",
+            f"--node-ip-address={self.host}",
             "--disable-usage-stats",
             f"--temp-dir={self.temp_dir}",
             "--min-worker-port=0",
@@ -268,7 +272,8 @@ class LocalRay:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         os.makedirs(self.logs_dir, exist_ok=True)
         os.makedirs(self.temp_dir, exist_ok=True)
-        picked = free_ports(len(self.PORT_FLAGS) + len(self.PORT_ENV))
+        # With other nodes joining, Ray binds some of these on every interface: pick ports free there.
+        picked = free_ports(len(self.PORT_FLAGS) + len(self.PORT_ENV), HOST if self.host == HOST else "0.0.0.0")
         self.ports = dict(zip(self.PORT_FLAGS, picked))
         self.env_ports = dict(zip(self.PORT_ENV, picked[len(self.PORT_FLAGS):]))
         logger.info("starting Ray head at %s (dashboard %s, log %s)", self.address, self.dashboard_url, self.log_path)
@@ -321,7 +326,7 @@ class LocalRay:
         from ray._private import ray_constants
 
         if ray_constants.ENABLE_RAY_CLUSTER:
-            logger.info("ray was imported without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; keeping the driver on %s", HOST)
+            logger.info("ray was imported without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; keeping the driver on loopback")
             ray_constants.ENABLE_RAY_CLUSTER = False
         init_kwargs.setdefault("logging_level", logging.WARNING)
         if not ray.is_initialized():  # (if it is, ray.init below refuses as before; leave its config be)
@@ -345,21 +350,7 @@ class LocalRay:
         self.restore_env()
         if pgid is not None:
             logger.info("stopping Ray head (process group %d)", pgid)
-            step = self.stop_timeout / 3
-            members = process_group_members(pgid)
-            raylets = [p for p in members if process_name(p) == "raylet"]
-            gcs = [p for p in members if process_name(p) == "gcs_server"]
-            others = [p for p in members if p not in raylets and p not in gcs]
-            for group in (raylets, others, gcs):
-                if group:
-                    signal_pids(group, signal.SIGTERM)
-                    wait_gone(pgid, group, step)
-            left = process_group_members(pgid)
-            if left:
-                logger.debug("Ray head: SIGKILL to %d process(es) left after SIGTERM", len(left))
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-                wait_gone(pgid, None, 5.0)
+            stop_ray_processes(pgid, self.stop_timeout)
         if self.uses_fallback_temp_dir and os.path.isdir(self.temp_dir):
             self._collect_fallback_logs()
 
@@ -378,6 +369,27 @@ class LocalRay:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def stop_ray_processes(pgid: int, timeout: float) -> None:
+    """Stop the Ray processes `ray start` left in process group `pgid`, in `ray stop`'s order: raylet,
+    then helpers, then gcs_server. Each step gets SIGTERM and a third of `timeout`; survivors get
+    SIGKILL. (Ray's worker processes have groups of their own and exit when their raylet does.)"""
+    step = timeout / 3
+    members = process_group_members(pgid)
+    raylets = [p for p in members if process_name(p) == "raylet"]
+    gcs = [p for p in members if process_name(p) == "gcs_server"]
+    others = [p for p in members if p not in raylets and p not in gcs]
+    for group in (raylets, others, gcs):
+        if group:
+            signal_pids(group, signal.SIGTERM)
+            wait_gone(pgid, group, step)
+    left = process_group_members(pgid)
+    if left:
+        logger.debug("Ray: SIGKILL to %d process(es) of group %d left after SIGTERM", len(left), pgid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        wait_gone(pgid, None, 5.0)
 
 
 def reclaim_sigterm(before=None) -> None:

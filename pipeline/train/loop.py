@@ -14,8 +14,10 @@ import tempfile
 import time
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
+from pipeline.train import data as train_data
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.step import TrainState, build_train_state, load_state_dict, state_dict, train_step
 
@@ -86,10 +88,13 @@ def run_loop(
     loop=None,
     world_size: int = 1,
     autocast_dtype=None,
+    on_batch: Callable[[TrainState, dict], None] | None = None,
 ) -> None:
     """Train until loop.steps (`loop`: a LoopSection, default cfg.train). Reports every `report_every`
     steps, checkpoints every `checkpoint_every` and at the end. The data position (epoch, batches
-    consumed) is part of the state, so a resumed run skips exactly the batches it already trained on."""
+    consumed) is part of the state, so a resumed run skips exactly the batches it already trained on.
+    `on_batch(state, batch)` is called after each batch is consumed (its update applied or skipped),
+    before any report of that step."""
     loop = loop or cfg.train
     window = MetricWindow(state.noise_scheduler.config.num_train_timesteps if state.noise_scheduler else None)
     total = loop.steps
@@ -107,6 +112,8 @@ def run_loop(
                 continue  # consumed before the checkpoint we resumed from
             out = step_fn(state, batch, cfg, autocast_dtype=autocast_dtype)
             state.batch_in_epoch = i + 1
+            if on_batch is not None:
+                on_batch(state, batch)
             if not out.get("applied", True):
                 in_a_row += 1
                 log.warning("step %d: non-finite loss %s or gradient norm %s: update skipped (%d in a row, %d in all)",
@@ -197,16 +204,27 @@ def ray_worker(config: dict) -> None:
     if rank == 0 and history_uri and storage.exists(history_uri):
         history = [m for m in storage.read_json(history_uri) if m.get("step", 0) <= state.step]
 
-    shard = ray.train.get_dataset_shard("train")
-    per_worker = loop.batch_size // world
+    # The data: the whole (key-ordered) table the driver put in the object store; which rows each step
+    # takes is a function of (seed, epoch, rank) alone (pipeline.train.data), not of Ray's scheduling.
+    arrays = ray.get(config["data_ref"])
+    node = ray.util.get_node_ip_address()
+    attempt = _agree(train_data.new_attempt_id() if rank == 0 else None, rank, world, device)
+    if rank == 0:  # the run's attempts, in order: what the sample audit and fit's summary read back
+        starts = storage.read_json(config["starts_uri"]) if storage.exists(config["starts_uri"]) else []
+        starts.append({"attempt": attempt, "fit": config["fit_id"], "resumed_from": state.step, "epoch": state.epoch,
+                       "batch_in_epoch": state.batch_in_epoch, "world": world, "nodes": _gather(node, world),
+                       "time": time.time()})
+        storage.write_json(config["starts_uri"], starts)
+    elif world > 1:
+        _gather(node, world)
+    samples = train_data.SampleLog(config["samples_uri"], attempt, rank, world, node)
 
     def batches(epoch: int):
-        return shard.iter_torch_batches(
-            batch_size=per_worker,
-            drop_last=True,
-            local_shuffle_buffer_size=loop.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.run.seed * 7919 + epoch * 31 + rank) if loop.shuffle_buffer else None,
-        )
+        for b in train_data.iter_rank_batches(arrays, cfg.run.seed, epoch, loop.batch_size, rank, world):
+            yield {k: (v if k in ("key", "_batch") else torch.from_numpy(v)) for k, v in b.items()}
+
+    def on_batch(st: TrainState, batch: dict) -> None:
+        samples.add(st.step, st.epoch, batch["_batch"], batch["key"])
 
     last: dict = {}
 
@@ -221,6 +239,7 @@ def ray_worker(config: dict) -> None:
         if ckpt_state is None:
             ray.train.report(metrics)
             return
+        samples.write(ckpt_state.step)  # before the checkpoint: an attempt's record never lags what it committed
         if rank == 0:  # our upload (manifest last) and retention; Ray Train is told metrics only
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state, config.get("data_identity")))
@@ -228,44 +247,56 @@ def ray_worker(config: dict) -> None:
         ray.train.report(metrics)
 
     autocast = torch.bfloat16 if device.type == "cuda" and loop.mixed_precision == "bf16" else None
-    run_loop(cfg, state, batches, report, step_fn=step_fn, loop=loop, world_size=world, autocast_dtype=autocast)
+    run_loop(cfg, state, batches, report, step_fn=step_fn, loop=loop, world_size=world, autocast_dtype=autocast,
+             on_batch=on_batch)
     if rank == 0:  # what fit() returns: Ray Train's Result carries metrics only with a checkpoint
         storage.write_json(config["result_uri"], last)
 
 
-def _agree(folder: str | None, rank: int, world: int, device) -> str | None:
-    """Rank 0's choice of checkpoint folder, on every rank (sent as bytes over the process group)."""
+def _agree(text: str | None, rank: int, world: int, device) -> str | None:
+    """Rank 0's string (a checkpoint folder, an attempt id), on every rank (bytes over the process group)."""
     if world < 2 or not torch.distributed.is_initialized():
-        return folder
+        return text
     size = 512
     buf = torch.zeros(size, dtype=torch.uint8, device=device)
-    if rank == 0 and folder:
-        data = folder.encode()
-        if len(data) > size:
-            raise ValueError(f"checkpoint URI longer than {size} bytes: {folder}")
-        buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    if rank == 0 and text:
+        raw = text.encode()
+        if len(raw) > size:
+            raise ValueError(f"longer than {size} bytes: {text}")
+        buf[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
     torch.distributed.broadcast(buf, src=0)
-    data = bytes(buf.cpu().tolist()).rstrip(b"\0")
-    return data.decode() or None
+    raw = bytes(buf.cpu().tolist()).rstrip(b"\0")
+    return raw.decode() or None
+
+
+def _gather(value: str, world: int) -> list[str]:
+    """Every rank's `value`, in rank order (on every rank)."""
+    if world < 2 or not torch.distributed.is_initialized():
+        return [value]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def train_locally(cfg, manifest: dict, null_emb, null_mask, data: dict, out_dir: str, *, device="cpu") -> list[dict]:
-    """Train without Ray on in-memory tensors (latent, text_emb, text_mask), resuming from the latest
-    complete checkpoint in `out_dir`. Batches are drawn in an order fixed by (seed, epoch).
+    """Train without Ray on in-memory tensors (latent, text_emb, text_mask; optional "key"), resuming
+    from the latest complete checkpoint in `out_dir`. Batches come in the order Ray Train's ranks use
+    (pipeline.train.data, one rank).
     Returns the reported metrics."""
     state = build_train_state(cfg, manifest, null_emb, null_mask, wrap=lambda m: m.to(device))
     latest = latest_local_checkpoint(out_dir)
     if latest:
         sd, _ = load_checkpoint(latest)
         load_state_dict(state, sd)
-    n = len(data["latent"])
-    bs = cfg.train.batch_size
+    tensors = data
+    table = {"key": np.asarray(tensors.get("key", [f"{i:08d}" for i in range(len(tensors["latent"]))]))}
+    table["row"] = np.arange(len(table["key"]))
+    table = train_data.sort_by_key(table)
 
     def batches(epoch: int):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch))
-        for i in range(n // bs):
-            idx = order[i * bs:(i + 1) * bs]
-            yield {k: v[idx] for k, v in data.items()}
+        for b in train_data.iter_rank_batches(table, cfg.run.seed, epoch, cfg.train.batch_size, 0, 1):
+            idx = torch.from_numpy(b["row"])
+            yield {k: v[idx] for k, v in tensors.items() if k != "key"}
 
     reports: list[dict] = []
 

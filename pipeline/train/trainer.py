@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+
+import numpy as np
 
 from pipeline import storage
 from pipeline.signals import keep_python_sigint_handler
 from pipeline.train import checkpoint_store
 from pipeline.config import resolve_use_gpu
-from pipeline.data.encode import committed_files, load_manifest, load_null_text
+from pipeline.data.encode import load_manifest, load_null_text
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,26 @@ def run_name(cfg, task: str = "denoiser") -> str:
 def run_uri(cfg, task: str = "denoiser") -> str:
     """Where this run's checkpoint folders live (Ray Train's experiment folder)."""
     return storage.join(cfg.checkpoints_uri(), run_name(cfg, task))
+
+
+def starts_uri(cfg, task: str = "denoiser") -> str:
+    """JSON list of the run's worker-group starts: attempt id, fit, step and data position resumed from, nodes."""
+    return storage.join(cfg.outputs_uri(), f"{task}_starts.json")
+
+
+def samples_uri(cfg, task: str = "denoiser") -> str:
+    """Where each rank records the sample keys of every batch it trained on (pipeline.train.data.SampleLog)."""
+    return storage.join(cfg.outputs_uri(), "samples", task)
+
+
+def audit_samples(cfg, task: str = "denoiser") -> dict:
+    """Per epoch: samples trained on, missing, repeated, out of order (pipeline.train.data.audit)."""
+    from pipeline.train import data
+
+    keys = training_table(cfg, task, load_manifest(cfg.latents_uri()) if task == "denoiser" else None)["key"]
+    loop = cfg.vae_train if task == "vae" else cfg.train
+    return data.audit(samples_uri(cfg, task), storage.read_json(starts_uri(cfg, task)), keys, cfg.run.seed,
+                      loop.batch_size)
 
 
 def complete_checkpoints(cfg, task: str = "denoiser") -> list[tuple[int, str]]:
@@ -70,13 +93,45 @@ def check_resumable(cfg, task: str = "denoiser", data_identity: dict | None = No
 
 
 def image_dataset(cfg, split: str = "train"):
-    """Decoded training images (column `image`, uint8 S x S x 3) for the autoencoder, decoded once."""
+    """Decoded training images (columns `key`, `image`: uint8 S x S x 3) for the autoencoder."""
     from pipeline.data.encode import decode_batch, read_raw
 
     raw, _ = read_raw(cfg, split)
     decoded = raw.map_batches(decode_batch, fn_kwargs={"image_size": cfg.data.image_size}, batch_size=256,
                               batch_format="numpy")
-    return decoded.filter(lambda r: r["reason"] == "").select_columns(["image"]).materialize()
+    return decoded.filter(lambda r: r["reason"] == "").select_columns(["key", "image"])
+
+
+def _numpy_column(table, name: str, shape, dtype) -> np.ndarray:
+    """A parquet column of fixed-shape arrays (Ray's tensor type or nested lists) as one N x shape array."""
+    import pyarrow as pa
+
+    arr = table.column(name).combine_chunks()
+    if isinstance(arr.type, pa.ExtensionType):
+        arr = arr.storage
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(table), *shape)
+
+
+def training_table(cfg, task: str, manifest: dict | None = None) -> dict[str, np.ndarray]:
+    """The whole training set as arrays in key order (pipeline.train.data): the latents for the
+    denoiser (files exactly as `_COMMITTED` lists them), decoded images for the autoencoder."""
+    from pipeline.data.encode import read_latents
+    from pipeline.train import data
+
+    if task == "vae":
+        batches = list(image_dataset(cfg).iter_batches(batch_size=1024, batch_format="numpy"))
+        if not batches:
+            raise RuntimeError("no decodable training images: check the ingest's rejects")
+        arrays = {k: np.concatenate([b[k] for b in batches]) for k in ("key", "image")}
+    else:
+        table = read_latents(cfg.latents_uri(), "train", ["key", "latent", "text_emb", "text_mask"])
+        arrays = {"key": np.asarray(table.column("key").to_pylist(), dtype=str),
+                  "latent": _numpy_column(table, "latent", manifest["latent_shape"], np.float32),
+                  "text_emb": _numpy_column(table, "text_emb", manifest["text_shape"], np.float16),
+                  "text_mask": _numpy_column(table, "text_mask", manifest["text_shape"][:1], np.int8)}
+    return data.sort_by_key(arrays)
 
 
 def fit(cfg, task: str = "denoiser") -> dict:
@@ -91,13 +146,17 @@ def fit(cfg, task: str = "denoiser") -> dict:
     data_identity = {"latents_uri": cfg.latents_uri()} if task == "denoiser" else {}
     check_resumable(cfg, task, data_identity)
     checkpoint_store.remove_incomplete(run_uri(cfg, task))
+    outputs = cfg.outputs_uri()
+    fit_id = uuid.uuid4().hex[:12]
     loop_config: dict = {"cfg": cfg.to_dict(), "task": task, "data_identity": data_identity,
-                         "run_uri": run_uri(cfg, task),
-                         "history_uri": storage.join(cfg.outputs_uri(), f"{task}_metrics.json"),
-                         "result_uri": storage.join(cfg.outputs_uri(), f"{task}_result.json")}
+                         "run_uri": run_uri(cfg, task), "fit_id": fit_id,
+                         "history_uri": storage.join(outputs, f"{task}_metrics.json"),
+                         "result_uri": storage.join(outputs, f"{task}_result.json"),
+                         "starts_uri": starts_uri(cfg, task),
+                         "samples_uri": samples_uri(cfg, task)}
     if task == "vae":
         loop = cfg.vae_train
-        dataset = image_dataset(cfg)
+        manifest = None
     else:
         loop = cfg.train
         latents = cfg.latents_uri()
@@ -105,32 +164,31 @@ def fit(cfg, task: str = "denoiser") -> dict:
         null_emb, null_mask = load_null_text(latents)
         if manifest["untrained"]:
             print("train: NOTE training on latents of UNTRAINED encoders (see the encode manifest)")
-        files = [storage.ray_path(f) for f in committed_files(latents, "train")]
-        dataset = ray.data.read_parquet(files).select_columns(
-            ["latent", "text_emb", "text_mask"]
-        )
         loop_config |= {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist()}
+    # Read once here and shared through the object store (owned by this driver, so it outlives any
+    # worker or node the run loses); each rank picks its rows by (seed, epoch, rank).
+    table = training_table(cfg, task, manifest)
+    loop_config["data_ref"] = ray.put(table)
+    n_samples = len(table["key"])
+    del table
+    if n_samples < loop.batch_size:
+        raise RuntimeError(f"{task}: {n_samples} training samples, fewer than one batch of {loop.batch_size}: "
+                           "lower the batch size or ingest more data")
     use_gpu = resolve_use_gpu(loop.use_gpu)
-    # Ray Train gives each worker one CPU, or one GPU and no CPU. cluster_resources() is the total.
-    spare_cpus = ray.cluster_resources().get("CPU", 0) - (0 if use_gpu else loop.num_workers)
-    if spare_cpus < 1:
-        # Ray Data streams the dataset with tasks that need a CPU of their own; with every CPU held by
-        # a training worker they would never be scheduled and training would wait forever. Read it
-        # into the object store first instead (the latents are small next to the images).
-        log.info("%s: no CPU left beside %d workers: reading the dataset before training", task, loop.num_workers)
-        dataset = dataset.materialize()
     storage.ensure_bucket(cfg.checkpoints_uri())
     storage.makedirs(cfg.checkpoints_uri())
     storage.rm(loop_config["result_uri"])  # written by rank 0 at the end of this fit, never an earlier one's
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=loop.num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=loop.num_workers, use_gpu=use_gpu,
+                                               placement_strategy=loop.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name(cfg, task),
             storage_path=storage.ray_path(cfg.checkpoints_uri()),
+            # A lost worker or node restarts the whole group, which resumes from the newest checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=loop.max_failures),
         ),
-        datasets={"train": dataset},
         torch_config=dist.torch_config(),  # on a loopback cluster the store binds 127.0.0.1 only
     )
     t0 = time.time()
@@ -139,6 +197,7 @@ def fit(cfg, task: str = "denoiser") -> dict:
     with keep_python_sigint_handler():
         trainer.fit()
     metrics = storage.read_json(loop_config["result_uri"])  # rank 0's last report of this fit
+    attempts = [a for a in storage.read_json(loop_config["starts_uri"]) if a.get("fit") == fit_id]
     summary = {
         "task": task,
         "steps": int(metrics.get("step", 0)),
@@ -148,6 +207,9 @@ def fit(cfg, task: str = "denoiser") -> dict:
         "seconds": round(time.time() - t0, 2),
         "num_workers": loop.num_workers,
         "use_gpu": use_gpu,
+        "restarts": len(attempts) - 1,  # worker groups Ray Train restarted after a lost worker or node
+        "nodes": attempts[-1]["nodes"] if attempts else [],
+        "samples": n_samples,
     }
     summary |= {k: metrics[k] for k in ("rec", "kl", "psnr") if k in metrics}
     print(f"train ({task}): {summary}")

@@ -1,0 +1,134 @@
+"""Training on a two-node local Ray cluster survives a SIGKILLed worker and a SIGKILLed node.
+
+The cluster (pipeline.dev.cluster): a head on 127.0.0.2 and a second node on 127.0.0.3, each its own
+raylet and session. Every stage runs as a real driver process joining it (`python -m jobs.<stage>
+--ray-address ...`), as `ray job submit` would run it. One uninterrupted training run is the
+reference; each interrupted one must match it bit for bit: the per-step losses, the final
+checkpoint's tensors and state (sha256), and the sample record (every sample of an epoch once).
+Each test first shows that its fault happened: the killed process existed and was a Ray Train
+worker (or the node's raylet), and the run had to start its worker group again.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from pipeline import config, storage
+from pipeline.dev import chaos
+from pipeline.dev.cluster import LocalCluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+STEPS = 24
+TRAIN = [f"train.steps={STEPS}", "train.checkpoint_every=4", "train.report_every=1", "train.num_workers=2",
+         "train.batch_size=8", "train.placement_strategy=SPREAD", "train.max_failures=3", "train.num_to_keep=8"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(s3, tmp_path_factory):
+    with LocalCluster(str(tmp_path_factory.mktemp("cluster")), nodes=2, num_cpus=2, env=s3.env) as cluster:
+        yield cluster
+
+
+def _driver(cluster, job: str, overrides: list[str]):
+    return chaos.start_job(cluster, job, TINY, overrides, ROOT)
+
+
+def _finish(proc, timeout: float = 300) -> str:
+    return chaos.finish_job(proc, timeout)
+
+
+@pytest.fixture(scope="module")
+def data(s3, two_nodes):
+    """Ingest and encode once (encode's two actors on the two nodes), then the reference training run."""
+    base = [f"run.storage={s3.uri}/cluster-{uuid.uuid4().hex[:8]}", "vae.source=random", "data.shard_size=16",
+            "encode.num_actors=2", "encode.batch_size=16"]
+    for job in ("ingest", "encode"):
+        _finish(_driver(two_nodes, job, base))
+    straight = base + TRAIN + ["run.name=straight"]
+    out = _finish(_driver(two_nodes, "train", straight))
+    cfg = config.load(TINY, straight)
+    return {"base": base, "cfg": cfg, "losses": chaos.losses(cfg), "weights": chaos.final_weights_sha256(cfg),
+            "out": out}
+
+
+def _assert_same_as_straight(data, cfg) -> None:
+    from pipeline.train.trainer import audit_samples
+
+    got, want = chaos.losses(cfg), data["losses"]
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == want  # bit for bit, every step, those redone after the fault included
+    assert chaos.final_weights_sha256(cfg) == data["weights"]
+    epochs = audit_samples(cfg)
+    assert epochs and all(not e["missing"] and not e["repeated"] and not e["wrong_batches"] for e in epochs.values()), epochs
+    assert sum(e["batches"] for e in epochs.values()) == STEPS
+
+
+def test_reference_run_spreads_over_both_nodes(data, two_nodes) -> None:
+    cfg = data["cfg"]
+    (start,) = chaos.attempts(cfg)
+    assert sorted(start["nodes"]) == ["127.0.0.2", "127.0.0.3"]  # one worker per node
+    assert len(data["losses"]) == STEPS
+    from pipeline.train.trainer import audit_samples
+
+    epochs = audit_samples(cfg)
+    assert all(not e["missing"] and not e["repeated"] and not e["wrong_batches"] for e in epochs.values())
+
+
+@pytest.mark.parametrize("fault", ["worker", "node"])
+def test_training_survives_a_lost_worker_or_node(fault, data, two_nodes) -> None:
+    overrides = data["base"] + TRAIN + [f"run.name=kill-{fault}"]
+    cfg = config.load(TINY, overrides)
+    node = two_nodes.nodes[0]
+    proc = _driver(two_nodes, "train", overrides)
+    try:
+        # After the first checkpoint (step 4) and before the end: the kill lands mid-interval.
+        chaos.wait_for(lambda: chaos.reported_step(cfg) >= 6 or proc.poll() is not None, 240, "training to reach step 6")
+        assert proc.poll() is None, "training ended before the fault"
+        at_kill = chaos.reported_step(cfg)
+        workers = chaos.train_worker_pids(node.sid)
+        assert len(workers) == 1, workers  # SPREAD put one of the two workers on the second node
+        if fault == "worker":
+            chaos.sigkill(workers[0])
+        else:
+            killed = two_nodes.kill_node(1)
+            assert workers[0] in killed and len(killed) > 2  # the worker, the raylet, the node's agents
+        assert chaos.reported_step(cfg) < STEPS
+        _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if fault == "node":
+            two_nodes.start_node(1)  # a replacement, for the tests after this one
+    starts = chaos.attempts(cfg)
+    assert len(starts) == 2, starts  # the worker group was started again, by Ray Train, in the same fit
+    assert starts[0]["fit"] == starts[1]["fit"]
+    assert 4 <= starts[1]["resumed_from"] <= at_kill + 1 and starts[1]["resumed_from"] % 4 == 0
+    if fault == "node":
+        assert starts[1]["nodes"] == ["127.0.0.2", "127.0.0.2"]  # the lost node's worker moved to the head
+    _assert_same_as_straight(data, cfg)
+    result = storage.read_json(storage.join(cfg.outputs_uri(), "denoiser_result.json"))
+    assert result["step"] == STEPS and result["resumed_from"] == starts[1]["resumed_from"]
+
+
+def test_resume_with_fewer_workers_keeps_the_global_sample_order(data, two_nodes) -> None:
+    from pipeline.train.trainer import audit_samples
+
+    overrides = data["base"] + TRAIN + ["run.name=resize"]
+    _finish(_driver(two_nodes, "train", overrides + ["train.steps=12"]))
+    cfg = config.load(TINY, overrides + ["train.num_workers=1"])
+    _finish(_driver(two_nodes, "train", overrides + ["train.num_workers=1"]))
+    starts = chaos.attempts(cfg)
+    assert [(s["world"], s["resumed_from"]) for s in starts] == [(2, 0), (1, 12)]
+    epochs = audit_samples(cfg)
+    # The same global batches, in the same order, whichever number of ranks split them.
+    assert all(not e["missing"] and not e["repeated"] and not e["wrong_batches"] for e in epochs.values()), epochs
+    assert sum(e["batches"] for e in epochs.values()) == STEPS
+    # Up to the resize the run is the reference run (same ranks, same seeds)...
+    got = chaos.losses(cfg)
+    assert [got[s] for s in range(1, 13)] == [data["losses"][s] for s in range(1, 13)]
+    # ...after it, one rank draws the noise two did: the same samples, other noise, other losses.
+    assert got[13] != data["losses"][13]
