@@ -72,11 +72,11 @@ def main(argv=None) -> dict:
         t0 = time.time()
         try:
             for point, kind in zip(points, kinds):
-                n_starts = len(chaos.attempts(cfg))
                 chaos.wait_for(lambda: chaos.reported_step(cfg) >= point or proc.poll() is not None, 600,
                                f"step {point}")
                 if proc.poll() is not None:
                     raise RuntimeError(f"training ended before the kill at step {point}")
+                n_starts = len(chaos.attempts(cfg))  # the attempt now training is the last one recorded
                 at_kill = chaos.reported_step(cfg)
                 committed = max((s for s, _ in complete_checkpoints(cfg)), default=0)
                 if kind == "worker":

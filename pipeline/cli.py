@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 
 from pipeline import config as config_mod
+from pipeline import storage
 
 
 def parse(description: str, argv: list[str] | None = None, extra=None):
@@ -32,6 +34,7 @@ def parse(description: str, argv: list[str] | None = None, extra=None):
     except config_mod.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    storage.configure(cfg.io)  # this driver, and (runtime_env below) every Ray worker of its job
     return cfg, args
 
 
@@ -45,6 +48,25 @@ def setup_logging() -> None:
 def cluster_address(address: str | None = None) -> str | None:
     """The Ray cluster a job should join: `address` (--ray-address), else RAY_ADDRESS, else None."""
     return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def runtime_env() -> dict | None:
+    """The runtime_env this driver gives its Ray job: the non-secret storage settings (see
+    storage.worker_env: io limits, endpoint, region), so every task, actor and Train worker talks to
+    the same endpoint with the same limits, whatever the environment the cluster was started with.
+
+    Under `ray job submit`, ray.init merges it with the job's runtime_env per variable and refuses to
+    start if a variable is set in both: those the job sets are left to the job (the submitter chose
+    them; a value other than this driver's is logged)."""
+    env = storage.worker_env()
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by the job supervisor
+    job_env = (submitted.get("runtime_env") or {}).get("env_vars") or {}
+    for key in sorted(set(env) & set(job_env)):
+        if env[key] != job_env[key]:  # (only non-secret storage settings are in `env`)
+            logging.getLogger(__name__).warning(
+                "the job's runtime_env sets %s=%s: its Ray workers use that, this driver %s", key, job_env[key], env[key])
+        del env[key]
+    return {"env_vars": env} if env else None
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -65,7 +87,7 @@ def connect_ray(address: str | None = None) -> None:
     from pipeline.dev.ray_head import reclaim_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
-    ray.init(address=target, log_to_driver=True)
+    ray.init(address=target, log_to_driver=True, runtime_env=runtime_env())
     reclaim_sigterm(before)  # `ray job stop` sends SIGTERM: let `finally` blocks run
 
 
@@ -79,6 +101,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
       token of its own, in a short temporary run folder), and stop it when the block ends, also on
       an error, Ctrl-C or SIGTERM. Its folder is removed after a clean end and kept (path printed)
       after a failure, for its logs. The S3 variables in os.environ reach its workers.
+    Either way the job gets `runtime_env()` (storage endpoint and io limits, no credentials).
     """
     import ray
 
@@ -106,7 +129,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         with local_ray(run_dir, num_cpus=num_cpus) as head:
             print(f"ray: no cluster given (--ray-address / RAY_ADDRESS): started a private Ray head at "
                   f"{head.address} (dashboard {head.dashboard_url}, folder {run_dir}) for this run", flush=True)
-            head.connect(log_to_driver=True)
+            head.connect(log_to_driver=True, runtime_env=runtime_env())
             try:
                 yield head.address
             finally:

@@ -62,6 +62,8 @@ def candidates(run_uri: str) -> list[tuple[int, str]]:
             for name, f in manifest["files"].items():
                 if storage.size(storage.join(folder, name)) != f["size"]:
                     raise IncompleteCheckpoint(f"{folder}: {name} is missing or has another size than its manifest says")
+        except storage.StorageUnavailable:
+            raise  # storage down or stalled says nothing about the checkpoint: never fall back past it
         except (IncompleteCheckpoint, ValueError, OSError) as e:
             log.error("checkpoint %s is not trusted: %s", folder, e)
             continue

@@ -185,7 +185,8 @@ def fit(cfg, task: str = "denoiser") -> dict:
                                                placement_strategy=loop.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name(cfg, task),
-            storage_path=storage.ray_path(cfg.checkpoints_uri()),
+            storage_path=storage.train_storage_path(cfg.checkpoints_uri()),
+            storage_filesystem=storage.ray_filesystem(cfg.checkpoints_uri()),  # io timeouts/attempts
             # A lost worker or node restarts the whole group, which resumes from the newest checkpoint.
             failure_config=ray.train.FailureConfig(max_failures=loop.max_failures),
         ),
