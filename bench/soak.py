@@ -66,12 +66,11 @@ def main(argv=None) -> dict:
         cfg = config.load(TINY, base + ["run.name=soak"])
         # Kill points spread over the run, each after a checkpoint so that there is one to resume from.
         points = sorted(rng.sample(range(every + 1, args.steps - 1), args.kills))
-        kinds = [rng.choice(["worker", "node"]) for _ in points]
         rows = []
         proc = run("train", ["run.name=soak"])
         t0 = time.time()
         try:
-            for point, kind in zip(points, kinds):
+            for point in points:
                 chaos.wait_for(lambda: chaos.reported_step(cfg) >= point or proc.poll() is not None, 600,
                                f"step {point}")
                 if proc.poll() is not None:
@@ -79,12 +78,16 @@ def main(argv=None) -> dict:
                 n_starts = len(chaos.attempts(cfg))  # the attempt now training is the last one recorded
                 at_kill = chaos.reported_step(cfg)
                 committed = max((s for s, _ in complete_checkpoints(cfg)), default=0)
+                # A node kill only where a worker runs: after a lost node the group runs on the head, and
+                # a replacement node gets a worker again only when the group next restarts.
+                on_node = chaos.train_worker_pids(cluster.nodes[0].sid) if cluster.nodes[0].sid else []
+                kind = rng.choice(["worker", "node"]) if on_node else "worker"
                 if kind == "worker":
                     ours = [pid for sid in cluster.sessions for pid in chaos.train_worker_pids(sid)]
                     chaos.sigkill(rng.choice(sorted(ours)))
                 else:
                     cluster.kill_node(1)
-                starts = chaos.wait_for(lambda: len(chaos.attempts(cfg)) > n_starts and chaos.attempts(cfg), 600,
+                starts = chaos.wait_for(lambda: len(chaos.attempts(cfg)) > n_starts and chaos.attempts(cfg), 300,
                                         "the worker group to start again")
                 resumed = starts[-1]["resumed_from"]
                 if kind == "node":

@@ -69,6 +69,11 @@ def _assert_same_as_straight(data, cfg) -> None:
 
 def test_reference_run_spreads_over_both_nodes(data, two_nodes) -> None:
     cfg = data["cfg"]
+    from pipeline.data.encode import load_manifest
+
+    # Encode's two actors: one per node, each encoding some of the shards.
+    nodes = load_manifest(cfg.latents_uri())["splits"]["train"]["nodes"]
+    assert sorted(nodes) == ["127.0.0.2", "127.0.0.3"] and all(n > 0 for n in nodes.values()), nodes
     (start,) = chaos.attempts(cfg)
     assert sorted(start["nodes"]) == ["127.0.0.2", "127.0.0.3"]  # one worker per node
     assert len(data["losses"]) == STEPS
