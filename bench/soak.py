@@ -71,19 +71,21 @@ def main(argv=None) -> dict:
         t0 = time.time()
         try:
             for point in points:
-                chaos.wait_for(lambda: chaos.reported_step(cfg) >= point or proc.poll() is not None, 600,
-                               f"step {point}")
+                attempt = chaos.current_attempt(cfg)
+                chaos.wait_for(lambda: chaos.reported_step(cfg, attempt=attempt) >= point or proc.poll() is not None,
+                               600, f"step {point}")
                 if proc.poll() is not None:
                     raise RuntimeError(f"training ended before the kill at step {point}")
                 n_starts = len(chaos.attempts(cfg))  # the attempt now training is the last one recorded
-                at_kill = chaos.reported_step(cfg)
+                at_kill = chaos.reported_step(cfg, attempt=attempt)
                 committed = max((s for s, _ in complete_checkpoints(cfg)), default=0)
                 # A node kill only where a worker runs: after a lost node the group runs on the head, and
                 # a replacement node gets a worker again only when the group next restarts.
                 on_node = chaos.train_worker_pids(cluster.nodes[0].sid) if cluster.nodes[0].sid else []
                 kind = rng.choice(["worker", "node"]) if on_node else "worker"
                 if kind == "worker":
-                    ours = [pid for sid in cluster.sessions for pid in chaos.train_worker_pids(sid)]
+                    ours = chaos.wait_for(lambda: [p for sid in cluster.sessions for p in chaos.train_worker_pids(sid)],
+                                          120, "a Ray Train worker of this cluster to kill")
                     chaos.sigkill(rng.choice(sorted(ours)))
                 else:
                     cluster.kill_node(1)
@@ -96,6 +98,9 @@ def main(argv=None) -> dict:
                              "redone": at_kill - resumed, "committed_lost": committed - resumed,
                              "epoch": starts[-1]["epoch"]})
             chaos.finish_job(proc, timeout=1200)
+        except BaseException:
+            print(chaos.job_output(proc)[-6000:], file=sys.stderr)  # the training driver's side of it
+            raise
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -113,10 +118,11 @@ def main(argv=None) -> dict:
               f"{r['committed_lost']:>4} {r['missing']:>7} {r['repeated']:>8}")
     missing = sum(len(e["missing"]) for e in epochs.values())
     repeated = sum(len(e["repeated"]) for e in epochs.values())
+    misplaced = sum(len(e["wrong_batches"]) for e in epochs.values())
     print(f"\nsoak run: {args.steps} steps, {len(rows)} kills, {seconds:.0f}s; over all {len(epochs)} epochs: "
-          f"{missing} samples missing, {repeated} repeated; per-step losses equal the uninterrupted run's: "
+          f"{missing} samples missing, {repeated} repeated, {misplaced} batches out of order; per-step losses equal the uninterrupted run's: "
           f"{'yes' if same_losses else 'NO'}; final weights equal: {'yes' if same_weights else 'NO'}")
-    summary = {"kills": rows, "missing": missing, "repeated": repeated, "same_losses": same_losses,
+    summary = {"kills": rows, "missing": missing, "repeated": repeated, "misplaced": misplaced, "same_losses": same_losses,
                "same_weights": same_weights, "seconds": round(seconds, 1)}
     with open(os.path.join(run_dir, "soak.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -124,4 +130,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    s = main()
+    lost = sum(r["committed_lost"] for r in s["kills"])
+    raise SystemExit(0 if (s["same_losses"] and s["same_weights"] and not (s["missing"] or s["repeated"] or s["misplaced"] or lost))
+                     else 1)

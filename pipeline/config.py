@@ -285,7 +285,7 @@ class GenerateSection:
     seed: int = field(default=0, metadata=_at_least(0))
     """Image i's noise comes from a seed derived from (seed, i): any image can be regenerated alone."""
     batch_size: int = field(default=32, metadata=_at_least(1))
-    """Prompts per batch in a generator actor."""
+    """Prompts per batch in a generator actor; also the unit a rerun keeps (batch k is images [k*B, (k+1)*B))."""
     num_actors: int = field(default=1, metadata=_at_least(1))
     """Size of the generator actor pool."""
     use_gpu: str = field(default="auto", metadata=_choices("auto", "yes", "no"))

@@ -223,7 +223,7 @@ def pyarrow_fs(uri: str):
     path = (parsed.netloc + parsed.path).rstrip("/")
     if s == "s3":
         timeout_s, attempts = io_settings()
-        kwargs: dict[str, Any] = {"region": os.environ.get("AWS_REGION", "us-east-1"),
+        kwargs: dict[str, Any] = {"region": _region(),
                                   "connect_timeout": timeout_s, "request_timeout": timeout_s}
         endpoint_url = _endpoint_url()
         if endpoint_url:

@@ -87,3 +87,19 @@ def test_audit_finds_missing_repeated_and_misplaced_samples(tmp_path) -> None:
     e = data.audit(swapped, starts, keys, 0, 8)[0]
     assert e["wrong_batches"] == [1] and len(e["repeated"]) == 4 and len(e["missing"]) == 4
     assert storage.ls(swapped)  # the records really are files the audit read back
+
+
+def test_a_batch_trained_twice_by_same_sized_attempts_is_repeated(tmp_path) -> None:
+    """Two attempts of the same worker count both count batch 1 (the second claims to have resumed at
+    it, the first's cut says it was still valid): its samples were trained twice, and say so."""
+    prefix = str(tmp_path / "twice")
+    _record(prefix, "d" * 12, 2, {0, 1})
+    _record(prefix, "e" * 12, 2, {1, 2, 3})
+    honest = [{"attempt": "d" * 12, "epoch": 0, "batch_in_epoch": 0}, {"attempt": "e" * 12, "epoch": 0, "batch_in_epoch": 1}]
+    assert data.audit(prefix, honest, sorted(KEYS.tolist()), 0, 8)[0]["repeated"] == []
+    overlapping = [honest[0], {"attempt": "e" * 12, "epoch": 0, "batch_in_epoch": 2}]  # but it also trained batch 1
+    assert len(data.audit(prefix, overlapping, sorted(KEYS.tolist()), 0, 8)[0]["repeated"]) == 8
+    # A later attempt that resumed further back cuts every earlier one there, not just its neighbour.
+    three = [honest[0], {"attempt": "e" * 12, "epoch": 0, "batch_in_epoch": 1}, {"attempt": "f" * 12, "epoch": 0, "batch_in_epoch": 0}]
+    e = data.audit(prefix, three, sorted(KEYS.tolist()), 0, 8)
+    assert e == {}  # nothing counts: the last attempt (which recorded nothing) restarted the epoch

@@ -158,7 +158,8 @@ def read_raw(cfg, split: str):
     shards = list_split_shards(cfg, split)
     # Whole shards as bytes: our parsers turn a corrupt member (or shard) into a reject row, where
     # read_webdataset/read_parquet would fail the task or drop it silently.
-    ds = ray.data.read_binary_files([storage.ray_path(s) for s in shards], include_paths=True)
+    ds = ray.data.read_binary_files([storage.ray_path(s) for s in shards], include_paths=True,
+                                    filesystem=storage.ray_filesystem(shards[0]))  # io timeouts and attempts
     return ds.flat_map(_parse_row, fn_kwargs={"cfg_data": cfg.data}), len(shards)
 
 
@@ -342,7 +343,8 @@ def read_latents(latents_uri: str, split: str, columns: list[str]):
     if not files:
         raise FileNotFoundError(f"{latents_uri}: the {split} split has no encoded rows")
     fs, _ = storage.pyarrow_fs(files[0])
-    return pq.ParquetDataset([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs).read(columns=columns)
+    with storage.translate_errors("read", storage.join(latents_uri, split)):
+        return pq.ParquetDataset([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs).read(columns=columns)
 
 
 def load_null_text(latents_uri: str) -> tuple[np.ndarray, np.ndarray]:

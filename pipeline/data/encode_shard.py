@@ -122,6 +122,8 @@ class EncodeShard:
         try:
             record = storage.read_json(record_uri)
             problem = self._check(record, split, shard, names)
+        except storage.StorageUnavailable:
+            raise  # storage down or stalled says nothing about the shard: never redo or remove it for that
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"unreadable record ({type(e).__name__}: {e})"
         if problem is None:
@@ -138,6 +140,8 @@ class EncodeShard:
             return f"encoder identity {record.get('encoder_id')} differs from this run's {self.encoder_id}"
         if storage.size(shard) != record["input"]["size"]:
             return "the input shard has another size than when it was encoded"
+        if storage.sha256_bytes(storage.read_bytes(shard)) != record["input"]["sha256"]:  # one GET: cheap next to encoding
+            return "the input shard has changed since it was encoded (sha256)"
         if record["n_in"] != record["n_encoded"] + record["n_rejected"]:
             return "its counts do not reconcile"
         for kind in ("latents", "rejects"):

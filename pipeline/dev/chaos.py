@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -60,10 +61,16 @@ def history(cfg, task: str = "denoiser") -> list[dict]:
     return storage.read_json(uri) if storage.exists(uri) else []
 
 
-def reported_step(cfg, task: str = "denoiser") -> int:
-    """The last step rank 0 reported (0 before the first report)."""
-    h = history(cfg, task)
+def reported_step(cfg, task: str = "denoiser", attempt: str | None = None) -> int:
+    """The last step rank 0 reported (0 before the first report); with `attempt`, the last that this
+    worker group reported (a restarted group rewrites the history only at its first report)."""
+    h = [m for m in history(cfg, task) if attempt is None or m.get("attempt") == attempt]
     return int(h[-1]["step"]) if h else 0
+
+
+def current_attempt(cfg, task: str = "denoiser", timeout: float = 300) -> str:
+    """The id of the worker group that trains now (waits for the first one to start)."""
+    return wait_for(lambda: attempts(cfg, task), timeout, "a worker group to start")[-1]["attempt"]
 
 
 def losses(cfg, task: str = "denoiser") -> dict[int, float]:
@@ -126,20 +133,31 @@ def start_job(cluster, job: str, config_path: str, overrides: list[str], root: s
     """`python -m jobs.<job> --config ... --ray-address <cluster>` as its own driver process (what
     `ray job submit` would run), output captured; `root` is the repository to run it from."""
     env = {**os.environ, **cluster.auth_env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root}
-    return subprocess.Popen([sys.executable, "-m", f"jobs.{job}", "--config", config_path, "--ray-address",
-                             cluster.address, *overrides], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty job can never block on it
+    proc = subprocess.Popen([sys.executable, "-m", f"jobs.{job}", "--config", config_path, "--ray-address",
+                             cluster.address, *overrides], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def job_output(proc: subprocess.Popen) -> str:
+    """What a start_job process has written so far."""
+    proc.log.flush()  # type: ignore[attr-defined]
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read()  # type: ignore[attr-defined]
 
 
 def finish_job(proc: subprocess.Popen, timeout: float = 600) -> str:
     """Wait for a start_job process; its output. Raises (with the output's tail) unless it exited 0;
     kills it if it outlives `timeout`."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+    out = job_output(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(proc.args[1:4])} exited {proc.returncode}:\n{out[-6000:]}")
     return out

@@ -57,15 +57,21 @@ def session_members(sid: int) -> list[int]:
 
 
 def kill_session(sid: int, timeout: float = 10.0) -> list[int]:
-    """SIGKILL every process of session `sid`; returns the pids killed (after they are gone)."""
-    pids = session_members(sid)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    """SIGKILL every process of session `sid`, again for any started meanwhile (a raylet forking a
+    worker), until none is left; returns the pids killed. RuntimeError if some survive `timeout`."""
+    killed: list[int] = []
     deadline = time.monotonic() + timeout
-    while session_members(sid) and time.monotonic() < deadline:
+    while True:
+        pids = session_members(sid)
+        if not pids:
+            return killed
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"session {sid}: processes {pids} survived SIGKILL for {timeout:.0f}s")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed += [p for p in pids if p not in killed]
         time.sleep(0.1)
-    return pids
 
 
 class RayNode:
@@ -224,9 +230,16 @@ class LocalCluster:
         return node
 
     def stop(self) -> None:
+        """Every node, then the head; each is stopped even if stopping another failed."""
+        errors = []
         for node in reversed(self.nodes):
-            node.stop()
+            try:
+                node.stop()
+            except Exception as e:  # noqa: BLE001 - keep stopping the others, then report
+                errors.append(e)
         self.head.stop()
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "LocalCluster":
         return self.start()

@@ -81,6 +81,8 @@ def prepare(out: str, identity: dict) -> bool:
     if storage.exists(uri):
         try:
             old = storage.read_json(uri)
+        except storage.StorageUnavailable:
+            raise  # storage down or stalled says nothing about what it holds: never remove work for it
         except (ValueError, OSError) as e:
             log.error("generate: unreadable %s (%s): not trusting the images beside it", uri, e)
     storage.rm(storage.join(out, storage.COMMIT_MARKER))
@@ -130,6 +132,8 @@ def _load_batch(out: str, batch: int, start: int, stop: int, ident_sha: str, ima
             images.append(img)
         if len(rec["latent_std"]) != stop - start:
             raise ValueError("latent_std has the wrong length")
+    except storage.StorageUnavailable:
+        raise  # storage down or stalled says nothing about the batch: never regenerate it for that
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.error("generate: NOT keeping batch %d (%s): %s; generating it again", batch, uri, e)
         print(f"generate: NOT keeping batch {batch}: {e}; generating it again", flush=True)

@@ -201,9 +201,19 @@ RESUME_SECTIONS = {"denoiser": ("schedule", "denoiser", "text_encoder", "vae"), 
 silently continue a different model (e.g. a denoiser trained on another noise schedule)."""
 
 
+RESUME_KEYS = {"denoiser": (("run", "seed"), ("train", "batch_size")), "vae": (("run", "seed"), ("vae_train", "batch_size"))}
+"""Single keys that fix which samples each step takes (pipeline.train.data): the checkpoint's data
+position (epoch, batches consumed) means nothing under another seed or batch size. The worker count
+may change (the global batches stay the same)."""
+
+
 def resume_conflicts(saved_cfg: dict, cfg_dict: dict, task: str) -> list[str]:
-    """`section.key: checkpoint X, config Y` for each RESUME_SECTIONS[task] value that differs."""
+    """`section.key: checkpoint X, config Y` for each RESUME_SECTIONS[task] / RESUME_KEYS[task] value that differs."""
     out = []
+    for section, key in RESUME_KEYS[task]:
+        old, new = saved_cfg.get(section, {}).get(key), cfg_dict.get(section, {}).get(key)
+        if old != new:
+            out.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
     for section in RESUME_SECTIONS[task]:
         old, new = saved_cfg.get(section, {}), cfg_dict.get(section, {})
         for key in sorted(set(old) | set(new)):

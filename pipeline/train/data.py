@@ -102,10 +102,14 @@ def audit(prefix: str, starts: list[dict], keys, seed: int, batch_size: int) -> 
     set's keys in key order. Returns per epoch: batches recorded, samples trained on, keys repeated,
     keys missing (from the batches the order puts in the recorded range), and batches whose samples
     differ from what epoch_order says they are."""
-    end = (float("inf"), 0)
-    cutoff = {s["attempt"]: ((starts[i + 1]["epoch"], starts[i + 1]["batch_in_epoch"]) if i + 1 < len(starts) else end)
-              for i, s in enumerate(starts)}
-    seen: dict[tuple[int, int], dict[int, list[str]]] = {}  # (epoch, batch) -> rank -> keys
+    # An attempt's records count up to the earliest position any later attempt resumed from (a later
+    # one may resume further back, e.g. when the newest checkpoints failed verification).
+    cutoff, earliest = {}, (float("inf"), 0)
+    for s in reversed(starts):
+        cutoff[s["attempt"]] = earliest
+        earliest = min(earliest, (s["epoch"], s["batch_in_epoch"]))
+    seen: dict[tuple[int, int], dict[tuple[int, int], list[str]]] = {}  # (epoch, batch) -> (world, rank) -> keys
+    extra: dict[tuple[int, int], list[str]] = {}  # keys of a slot recorded twice: trained twice
     for uri in storage.ls(prefix):
         m = _LOG_NAME.match(uri.rstrip("/").rsplit("/", 1)[-1])
         if not m or m.group(1) not in cutoff:
@@ -116,9 +120,10 @@ def audit(prefix: str, starts: list[dict], keys, seed: int, batch_size: int) -> 
                 continue
             by_rank = seen.setdefault((epoch, batch), {})
             slot = (rec["world"], rec["rank"])
-            if slot in by_rank and by_rank[slot] != batch_keys:
-                raise AssertionError(f"epoch {epoch} batch {batch}: two attempts recorded different samples for {slot}")
-            by_rank[slot] = batch_keys
+            if slot in by_rank:  # two counted records of one slot: that batch was trained twice
+                extra.setdefault((epoch, batch), []).extend(batch_keys)
+            else:
+                by_rank[slot] = batch_keys
     keys = np.asarray(keys).astype(str)
     out: dict[int, dict] = {}
     for epoch in sorted({e for e, _ in seen}):
@@ -128,7 +133,7 @@ def audit(prefix: str, starts: list[dict], keys, seed: int, batch_size: int) -> 
         wrong = []
         for b in batches:
             got = [k for slot in sorted(seen[(epoch, b)]) for k in seen[(epoch, b)][slot]]
-            counts.update(got)
+            counts.update(got + extra.get((epoch, b), []))
             if sorted(got) != sorted(keys[order[b * batch_size:(b + 1) * batch_size]].tolist()):
                 wrong.append(b)
         expected = {k for b in range(batches[-1] + 1) for k in keys[order[b * batch_size:(b + 1) * batch_size]].tolist()}

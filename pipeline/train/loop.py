@@ -234,12 +234,14 @@ def ray_worker(config: dict) -> None:
         if rank == 0:
             print(format_metrics(metrics, loop.steps), flush=True)
             if history_uri and "lr" in metrics:
-                history.append(metrics)
+                history.append(metrics | {"attempt": attempt})  # which worker group trained this step
                 storage.write_json(history_uri, history)
         if ckpt_state is None:
             ray.train.report(metrics)
             return
-        samples.write(ckpt_state.step)  # before the checkpoint: an attempt's record never lags what it committed
+        samples.write(ckpt_state.step)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's record is stored before rank 0 commits the checkpoint
         if rank == 0:  # our upload (manifest last) and retention; Ray Train is told metrics only
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state, config.get("data_identity")))
@@ -249,7 +251,9 @@ def ray_worker(config: dict) -> None:
     autocast = torch.bfloat16 if device.type == "cuda" and loop.mixed_precision == "bf16" else None
     run_loop(cfg, state, batches, report, step_fn=step_fn, loop=loop, world_size=world, autocast_dtype=autocast,
              on_batch=on_batch)
-    if rank == 0:  # what fit() returns: Ray Train's Result carries metrics only with a checkpoint
+    # What fit() returns (Ray Train's Result carries metrics only with a checkpoint); an attempt that
+    # found nothing left to train (its predecessor died after finishing) keeps that one's summary.
+    if rank == 0 and ("lr" in last or not storage.exists(config["result_uri"])):
         storage.write_json(config["result_uri"], last)
 
 

@@ -94,12 +94,14 @@ def test_training_survives_a_lost_worker_then_a_lost_node(data, two_nodes) -> No
     kills = []
     try:
         for fault, after in (("worker", 6), ("node", 14)):  # each past a checkpoint (every 4 steps), mid-interval
-            chaos.wait_for(lambda: chaos.reported_step(cfg) >= after or proc.poll() is not None, 240, f"step {after}")
+            attempt = chaos.current_attempt(cfg, timeout=240)
+            chaos.wait_for(lambda: chaos.reported_step(cfg, attempt=attempt) >= after or proc.poll() is not None, 240,
+                           f"step {after}")
             assert proc.poll() is None, "training ended before the fault"
-            n_starts = len(chaos.attempts(cfg))  # the attempt now training is the last one recorded
+            n_starts = len(chaos.attempts(cfg))
             workers = chaos.train_worker_pids(node.sid)
             assert len(workers) == 1, workers  # SPREAD put one of the two workers on the second node
-            at_kill = chaos.reported_step(cfg)
+            at_kill = chaos.reported_step(cfg, attempt=attempt)
             if fault == "worker":
                 chaos.sigkill(workers[0])
             else:
@@ -114,15 +116,17 @@ def test_training_survives_a_lost_worker_then_a_lost_node(data, two_nodes) -> No
             if fault == "node":
                 assert starts[-1]["nodes"] == ["127.0.0.2", "127.0.0.2"]  # the lost node's worker moved to the head
                 two_nodes.start_node(1)  # a replacement, as an autoscaler would bring (and for later tests)
-        _finish(proc)
+        out = _finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-            print(proc.communicate()[0][-8000:])  # the driver's output, shown with a failure
+            proc.wait()
+            print(chaos.job_output(proc)[-8000:])  # the driver's output, shown with a failure
         if not node.running:
             two_nodes.start_node(1)
     starts = chaos.attempts(cfg)
     assert len(starts) == 3 and len({s["fit"] for s in starts}) == 1, starts  # restarted twice within one fit
+    assert "'restarts': 2" in out  # and fit() says so
     _assert_same_as_straight(data, cfg)
     result = storage.read_json(storage.join(cfg.outputs_uri(), "denoiser_result.json"))
     assert result["step"] == STEPS and result["resumed_from"] == starts[-1]["resumed_from"]
