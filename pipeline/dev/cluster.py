@@ -184,14 +184,24 @@ class LocalCluster:
         logger.info("Ray cluster ready: %d nodes, head %s", len(self.nodes) + 1, self.address)
         return self
 
-    def alive_nodes(self) -> dict[str, str]:
-        """node id -> address of the nodes the head's GCS reports alive (State API, with our token).
-        A killed node stays "alive" here until the GCS misses its heartbeats (seconds)."""
-        url = f"{self.dashboard_url}/api/v0/nodes?limit=1000&detail=false"
+    def _state(self, what: str, query: str = "") -> list[dict]:
+        """Rows of Ray's State API (`/api/v0/<what>`), asked with this cluster's token."""
+        url = f"{self.dashboard_url}/api/v0/{what}?limit=10000{query}"
         request = urllib.request.Request(url, headers=self.head.auth_headers)
         with urllib.request.urlopen(request, timeout=10) as r:
-            rows = json.load(r)["data"]["result"]["result"]
-        return {n["node_id"]: n["node_ip"] for n in rows if n["state"] == "ALIVE"}
+            return json.load(r)["data"]["result"]["result"]
+
+    def alive_nodes(self) -> dict[str, str]:
+        """node id -> address of the nodes the head's GCS reports alive. A killed node stays "alive"
+        here until the GCS misses its heartbeats (seconds)."""
+        return {n["node_id"]: n["node_ip"] for n in self._state("nodes", "&detail=false") if n["state"] == "ALIVE"}
+
+    def actor_hosts(self, name: str) -> list[str]:
+        """Addresses of the nodes that ran actors whose class or repr names `name`, dead ones included
+        (one entry each). Ray Data's pool actors are `_MapWorker`s with repr `MapWorker(MapBatches(<UDF>))`."""
+        hosts = {n["node_id"]: n["node_ip"] for n in self._state("nodes", "&detail=false")}
+        return sorted(hosts.get(a.get("node_id"), "?") for a in self._state("actors", "&detail=true")
+                      if name in (a.get("class_name") or "") or name in (a.get("repr_name") or ""))
 
     def alive_hosts(self) -> list[str]:
         return sorted(self.alive_nodes().values())

@@ -71,9 +71,11 @@ def test_reference_run_spreads_over_both_nodes(data, two_nodes) -> None:
     cfg = data["cfg"]
     from pipeline.data.encode import load_manifest
 
-    # Encode's two actors: one per node, each encoding some of the shards.
+    # Encode's two actors: one on each node (which of them encodes more shards is up to Ray Data: the
+    # first actor up may take every shard of a tiny dataset before the second is ready).
+    assert two_nodes.actor_hosts("EncodeShard") == ["127.0.0.2", "127.0.0.3"]
     nodes = load_manifest(cfg.latents_uri())["splits"]["train"]["nodes"]
-    assert sorted(nodes) == ["127.0.0.2", "127.0.0.3"] and all(n > 0 for n in nodes.values()), nodes
+    assert set(nodes) <= {"127.0.0.2", "127.0.0.3"} and sum(nodes.values()) == 8, nodes
     (start,) = chaos.attempts(cfg)
     assert sorted(start["nodes"]) == ["127.0.0.2", "127.0.0.3"]  # one worker per node
     assert len(data["losses"]) == STEPS
