@@ -85,8 +85,9 @@ def main(argv=None) -> dict:
                 on_node = chaos.train_worker_pids(cluster.nodes[0].sid) if cluster.nodes[0].sid else []
                 kind = rng.choice(["worker", "node"]) if on_node else "worker"
                 if kind == "worker":
-                    ours = chaos.wait_for(lambda: [p for sid in cluster.sessions for p in chaos.train_worker_pids(sid)],
-                                          120, "a Ray Train worker of this cluster to kill")
+                    token = cluster.auth_env["RAY_AUTH_TOKEN"]
+                    ours = chaos.wait_for(lambda: chaos.train_worker_pids(token=token), 120,
+                                          "a Ray Train worker of this cluster to kill")
                     chaos.sigkill(rng.choice(sorted(ours)))
                 else:
                     cluster.kill_node(1)

@@ -24,13 +24,15 @@ from pipeline import storage
 TRAIN_WORKER = "RayTrainWorker"
 
 
-def train_worker_pids(session: int | None = None) -> list[int]:
-    """Live Ray Train worker processes (optionally only those of node session `session`)."""
+def train_worker_pids(session: int | None = None, token: str | None = None) -> list[int]:
+    """Live Ray Train worker processes; only those of node session `session`, and/or of the cluster
+    whose RAY_AUTH_TOKEN is `token` (every process of a LocalRay/LocalCluster inherits its token)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error, OSError):
             if any(TRAIN_WORKER in part for part in (p.info["cmdline"] or [])) and p.status() != psutil.STATUS_ZOMBIE:
-                if session is None or os.getsid(p.pid) == session:
+                if (session is None or os.getsid(p.pid) == session) and \
+                        (token is None or p.environ().get("RAY_AUTH_TOKEN") == token):
                     out.append(p.pid)
     return sorted(out)
 
