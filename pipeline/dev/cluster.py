@@ -164,11 +164,6 @@ class LocalCluster:
     auth_env = property(lambda self: self.head.auth_env)
     temp_dir = property(lambda self: self.head.temp_dir)
 
-    @property
-    def sessions(self) -> list[int]:
-        """Session ids of the running nodes, head first: every Ray process of node i is in sessions[i]."""
-        return [sid for sid in [self.head._pgid] + [n.sid for n in self.nodes] if sid is not None]
-
     def connect(self, **init_kwargs) -> None:
         self.head.connect(**init_kwargs)
 
@@ -202,9 +197,6 @@ class LocalCluster:
         hosts = {n["node_id"]: n["node_ip"] for n in self._state("nodes", "&detail=false")}
         return sorted(hosts.get(a.get("node_id"), "?") for a in self._state("actors", "&detail=true")
                       if name in (a.get("class_name") or "") or name in (a.get("repr_name") or ""))
-
-    def alive_hosts(self) -> list[str]:
-        return sorted(self.alive_nodes().values())
 
     def _wait(self, done, what: str, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout
