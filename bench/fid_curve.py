@@ -33,10 +33,9 @@ def main(argv=None) -> list[dict]:
     from jobs.demo import local_driver
     from pipeline import cli
     from pipeline.data.encode import load_manifest
-    from pipeline.eval.evaluate import reference_stats
-    from pipeline.eval.extras import prompt_accuracy, prompt_classifier
-    from pipeline.eval.fid import fid_from_images
-    from pipeline.eval.sample import generate
+    from pipeline.eval import scoring
+    from pipeline.eval.generate import generate
+    from pipeline.eval.fid import fid_of_moments
     from pipeline.train.trainer import complete_checkpoints
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -48,19 +47,20 @@ def main(argv=None) -> list[dict]:
     rows, run_dir = [], os.path.abspath(args.run_dir)
     with local_driver(cfg, run_dir):
         manifest = load_manifest(cfg.latents_uri())
-        ref, _, _ = reference_stats(cfg)
-        classifier, _ = prompt_classifier(cfg)
+        ref, _, _ = scoring.reference_stats(cfg)
+        classify = scoring.prompt_classifier(cfg)[0] is not None  # trained (or cached) before the actors load it
         wanted = {int(s) for s in args.steps.split(",") if s.strip()}
         for step, checkpoint in complete_checkpoints(cfg):
             if wanted and step not in wanted:
                 continue
             t0 = time.time()
             gen = generate(sub, manifest, checkpoint, cfg.latents_uri(), out_name=f"curve-step{step}")
-            fid, _ = fid_from_images(gen["images"], ref, batch_size=cfg.fid.batch_size)
-            rows.append({"step": step, "samples_seen": step * cfg.train.batch_size, "fid": round(fid, 2),
+            chunks = scoring.image_chunks("curve", gen["uri"], gen["prompts"], cfg.fid.chunk_images, cfg.generate.batch_size)
+            part = scoring.score_chunks(cfg, chunks, classify=classify)["curve"]["partial"]
+            rows.append({"step": step, "samples_seen": step * cfg.train.batch_size, "fid": round(fid_of_moments(part.moments, ref), 2),
                          "n": gen["n"], "latent_std": gen["latent_std"]})
-            if classifier is not None:
-                rows[-1]["prompt_accuracy"] = prompt_accuracy(classifier, gen["images"], gen["prompts"])["accuracy"]
+            if classify:
+                rows[-1]["prompt_accuracy"] = scoring.prompt_accuracy_of(part)["accuracy"]
             rows[-1]["seconds"] = round(time.time() - t0, 1)
             os.makedirs(os.path.join(run_dir, "curve"), exist_ok=True)
             with open(os.path.join(run_dir, "curve", f"step{step}.png"), "wb") as f:

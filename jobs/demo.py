@@ -62,9 +62,9 @@ def local_driver(cfg, run_dir: str, nodes: int = 1):
 
 
 def run(cfg, run_dir: str, nodes: int = 1) -> dict:
-    from jobs import generate as generate_job
     from pipeline.data.encode import encode
     from pipeline.data.ingest import ingest
+    from pipeline.eval.run import run as generate_and_evaluate
     from pipeline.train.trainer import fit
     from pipeline.train.vae_job import train_vae
 
@@ -84,7 +84,7 @@ def run(cfg, run_dir: str, nodes: int = 1) -> dict:
         vae = timed("train_vae", lambda: train_vae(cfg)) if cfg.vae.source == "trained" else None
         manifest = timed("encode", lambda: encode(cfg))
         train = timed("train", lambda: fit(cfg))
-        gen = timed("generate+fid", lambda: generate_job.run(cfg, report=False))
+        gen = timed("generate+fid", lambda: generate_and_evaluate(cfg, report=False))
         if cfg.eval.report:
             from pipeline.eval.run_report import build_report
 

@@ -302,6 +302,12 @@ class FIDSection:
     """Images per Inception batch."""
     n_ref: int = field(default=0, metadata=_at_least(0))
     """Reference images from the test split (0: all)."""
+    num_actors: int = field(default=1, metadata=_ADDED_LATER | _at_least(1))
+    """Size of the scoring actor pool (Inception, prompt classifier, nearest match)."""
+    use_gpu: str = field(default="auto", metadata=_ADDED_LATER | _choices("auto", "yes", "no"))
+    """Give each scoring actor a GPU: auto = when the cluster has GPUs."""
+    chunk_images: int = field(default=1024, metadata=_ADDED_LATER | _at_least(1))
+    """Generated images per scoring call (whole generate batches): each reduces to one 32 MB partial of float64 feature moments that the driver adds up."""
 
 
 @dataclass

@@ -240,7 +240,11 @@ def test_nearest_caption_accuracy_on_emoji_renders():
     """The retrieval check behind eval.nearest_match_images, on real renders: unseen renders of an
     emoji find a render of the same emoji; the same images under wrong prompts score 0."""
     from pipeline.data import decode, sources
-    from pipeline.eval.extras import nearest_caption_accuracy
+    from pipeline.eval.scoring import NearestMatch
+
+    def nearest_caption_accuracy(images, prompts, ref_images, ref_captions) -> dict:
+        n, hits, chance = NearestMatch(ref_images, ref_captions).score(images, prompts)
+        return {"n": n, "accuracy": hits / n if n else None, "chance": chance / n if n else None}
 
     names = ["fire", "cat face", "pizza", "rocket"]
     items = list(sources.iter_source("emoji", "train", size=64, names=names, renders=16)) + \

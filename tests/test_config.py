@@ -302,13 +302,14 @@ def test_max_nonfinite_steps_keeps_earlier_fingerprints():
     """max_nonfinite_steps came after checkpoints and latents were keyed by fingerprint(): at its default
     it must not move them. Literals recomputed when train.shuffle_buffer was removed (issue 11; only the
     data/text_encoder/vae key names stored artifacts, and it did not move); max_failures, placement_strategy
-    and the io section, added with it, are marked _ADDED_LATER and leave these literals as they are."""
+    and the io section, added with it, and fid.num_actors, use_gpu, chunk_images (issue 12) are marked
+    _ADDED_LATER and leave these literals as they are."""
     cfg = config.load(TINY)
     assert cfg.train.max_nonfinite_steps == cfg.vae_train.max_nonfinite_steps == 10
     assert (cfg.fingerprint(), cfg.fingerprint("train"), cfg.fingerprint("vae_train")) == (
         "dee007f62186", "b945060ef776", "3dc10895ecda")
     assert config.load(os.path.join(ROOT, "configs", "fashion_mnist.yaml")).fingerprint() == "6f5a86dbe92c"
-    for override in ("train.max_failures=3", "train.placement_strategy=SPREAD", "io.timeout_s=5"):
+    for override in ("train.max_failures=3", "train.placement_strategy=SPREAD", "io.timeout_s=5", "fid.chunk_images=64"):
         assert config.load(TINY, [override]).fingerprint() != cfg.fingerprint(), override
     changed = config.load(TINY, ["train.max_nonfinite_steps=3"])
     assert changed.fingerprint("train") != cfg.fingerprint("train")

@@ -347,6 +347,18 @@ def read_latents(latents_uri: str, split: str, columns: list[str]):
         return pq.ParquetDataset([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs).read(columns=columns)
 
 
+def numpy_column(table, name: str, shape, dtype) -> np.ndarray:
+    """A parquet column of fixed-shape arrays (Ray's tensor type or nested lists) as one N x shape array."""
+    import pyarrow as pa
+
+    arr = table.column(name).combine_chunks()
+    if isinstance(arr.type, pa.ExtensionType):
+        arr = arr.storage
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(table), *shape)
+
+
 def load_null_text(latents_uri: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(io.BytesIO(_read_committed(latents_uri, "null_text.npz")), allow_pickle=False) as z:
         return z["emb"], z["mask"]

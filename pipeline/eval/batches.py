@@ -12,7 +12,7 @@ Layout of a generate output folder (`<outputs>/<out_name>/`):
 
 Batch k always holds the same indices, so its images are bitwise the same in a rerun (on CPU, batched
 convolutions can differ with batch composition). A rerun keeps each batch whose record matches the
-identity and whose PNGs match their hashes (read back: FID and the grid need the pixels) and makes the rest.
+identity and whose PNGs match their hashes (checked by Ray tasks, pipeline/eval/generate.py) and makes the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -48,13 +47,14 @@ def batch_bounds(num_images: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)]
 
 
-def output_identity(cfg, manifest: dict, checkpoint_uri: str, prompts: list[str]) -> dict:
-    """Everything image i's bytes depend on (prompts: one per image, in index order)."""
+def output_identity(cfg, manifest: dict, checkpoint_uri: str, prompts: list[str], g=None) -> dict:
+    """Everything image i's bytes depend on (prompts: one per image, in index order; g: the set's
+    generate settings, default cfg.generate)."""
     import torch
 
     from pipeline.train.checkpoint import MANIFEST_FILE
 
-    g, d = cfg.generate, cfg.to_dict()
+    g, d = g or cfg.generate, cfg.to_dict()
     return {
         "format": RECORD_FORMAT,
         "checkpoint": checkpoint_uri,
@@ -108,9 +108,9 @@ def write_record(out: str, batch: int, start: int, stop: int, ident_sha: str, pn
     })
 
 
-def _load_batch(out: str, batch: int, start: int, stop: int, ident_sha: str, image_size: int) -> dict | None:
-    """Batch `batch`'s rows (index, image, latent_std) if its record and every PNG verify, else None
-    (said loudly when a record exists but fails)."""
+def verified_latent_std(out: str, batch: int, start: int, stop: int, ident_sha: str, image_size: int) -> list | None:
+    """Batch `batch`'s latent std per image if its record and every PNG verify (sizes, sha256, decodes
+    to image_size x image_size RGB), else None (said loudly when a record exists but fails)."""
     from PIL import Image
 
     uri = record_uri(out, batch)
@@ -121,15 +121,13 @@ def _load_batch(out: str, batch: int, start: int, stop: int, ident_sha: str, ima
         if (rec.get("format"), rec.get("identity_sha256"), rec.get("batch"), rec.get("start"), rec.get("stop")) != (
                 RECORD_FORMAT, ident_sha, batch, start, stop):
             raise ValueError("written for another identity or batch layout")
-        images = []
         for i, want in zip(range(start, stop), rec["images"], strict=True):
             data = storage.read_bytes(storage.join(out, "images", image_name(i)))
             if want["name"] != image_name(i) or len(data) != want["size"] or storage.sha256_bytes(data) != want["sha256"]:
                 raise ValueError(f"{image_name(i)} does not match its recorded size and sha256")
-            img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-            if img.shape != (image_size, image_size, 3):
-                raise ValueError(f"{image_name(i)} is {img.shape}, not {image_size}x{image_size}x3")
-            images.append(img)
+            shape = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).shape
+            if shape != (image_size, image_size, 3):
+                raise ValueError(f"{image_name(i)} is {shape}, not {image_size}x{image_size}x3")
         if len(rec["latent_std"]) != stop - start:
             raise ValueError("latent_std has the wrong length")
     except storage.StorageUnavailable:
@@ -138,11 +136,4 @@ def _load_batch(out: str, batch: int, start: int, stop: int, ident_sha: str, ima
         log.error("generate: NOT keeping batch %d (%s): %s; generating it again", batch, uri, e)
         print(f"generate: NOT keeping batch {batch}: {e}; generating it again", flush=True)
         return None
-    return {"index": list(range(start, stop)), "image": images, "latent_std": rec["latent_std"]}
-
-
-def kept_batches(out: str, bounds: list[tuple[int, int]], ident_sha: str, image_size: int) -> dict[int, dict]:
-    """{batch: rows} of the batches whose records and PNGs verify (read in parallel: many small GETs)."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        found = pool.map(lambda kb: _load_batch(out, kb[0], *kb[1], ident_sha, image_size), enumerate(bounds))
-        return {k: rows for k, rows in enumerate(found) if rows is not None}
+    return [float(v) for v in rec["latent_std"]]

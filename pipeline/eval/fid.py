@@ -13,8 +13,9 @@ NCHW at exactly 299x299, which is why :func:`preprocess` exists and is tested ag
 reference. The package's ``__init__`` imports opencv, loguru etc., so we only locate its folder and
 never import it.
 
-Statistics (mean, covariance) are float64 and the distance uses ``scipy.linalg.sqrtm``, as the
-reference implementations do. Pure library code: no Ray here.
+Statistics (mean, covariance) are float64; the distance's matrix square root is taken through
+symmetric eigendecompositions (see :func:`frechet_distance`) rather than ``scipy.linalg.sqrtm``.
+Pure library code: no Ray here (pipeline/eval/scoring.py runs it on actors).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -229,50 +229,112 @@ class FeatureStats:
             )
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, as pytorch-fid computes it.
+@dataclass
+class FeatureMoments:
+    """Sufficient statistics of a set of features: count, sum and sum of outer products, float64.
 
-    With fewer samples than dimensions the covariances are singular and sqrtm can come back
-    non-finite or with small imaginary parts from round-off; pytorch-fid's remedies are kept:
-    retry with eps*I added to both covariances, then drop an imaginary part that is negligible.
+    The moments of any split of a set add up to the moments of the whole (`merge`), so each worker
+    reduces its own images and the driver only adds a few of these, whatever the number of images.
+    `stats()` gives the same mean and unbiased covariance as `FeatureStats.from_features` on all the
+    features at once, up to float64 rounding (tested within 1e-6 relative on FID)."""
+
+    count: int
+    total: np.ndarray  # float64 [D]
+    outer: np.ndarray  # float64 [D, D]
+
+    @classmethod
+    def zero(cls, dim: int = FEATURE_DIM) -> "FeatureMoments":
+        return cls(0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64))
+
+    @classmethod
+    def of(cls, feats: np.ndarray) -> "FeatureMoments":
+        x = np.asarray(feats, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"need features shaped [N, D], got {x.shape}")
+        return cls(len(x), x.sum(axis=0), x.T @ x)
+
+    def merge(self, other: "FeatureMoments") -> "FeatureMoments":
+        if self.total.shape != other.total.shape:
+            raise ValueError(f"cannot merge moments of {self.total.shape} and {other.total.shape} features")
+        return FeatureMoments(self.count + other.count, self.total + other.total, self.outer + other.outer)
+
+    def stats(self, identity: dict | None = None) -> "FeatureStats":
+        if self.count < 2:
+            raise ValueError(f"need at least 2 images for a covariance, got {self.count}")
+        mu = self.total / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return FeatureStats(mu=mu, sigma=(sigma + sigma.T) / 2, count=self.count, identity=_canonical(identity or {}))
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (eigenvalues below 0 from round-off set to 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
+
+    pytorch-fid takes scipy.linalg.sqrtm of S1 S2 (a Schur decomposition: about 20 s for 2048 x 2048 on
+    two cores, and complex round-off to drop when few samples make the covariances singular). Only the
+    trace is needed, and S1 S2 is similar to the symmetric PSD matrix S1^(1/2) S2 S1^(1/2), so the trace
+    is the sum of the square roots of that matrix's eigenvalues: two symmetric eigendecompositions, about
+    7x faster and real by construction. Against sqrtm: 1e-14 relative with full-rank covariances, 7e-8
+    with 48 images (rank-deficient), where sqrtm itself warns that its result may be inaccurate.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has a large imaginary component {np.max(np.abs(covmean.imag)):.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    root1 = _psd_sqrt(sigma1)
+    inner = root1 @ sigma2 @ root1
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    trace_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
+
+
+def read_cached_stats(cache_uri: str, identity: dict) -> FeatureStats | None:
+    """The statistics at ``cache_uri`` (local path or s3://...) if they verify (sha256 sidecar) and
+    were computed for the same ``identity`` with this feature recipe; else None (said why)."""
+    wanted = _canonical(identity)
+    if not storage.exists(cache_uri):
+        return None
+    try:
+        cached = FeatureStats.from_bytes(storage.read_verified(cache_uri))
+    except storage.StorageUnavailable:
+        raise  # an outage says nothing about the cache
+    except Exception as e:  # unverified, corrupt or older format: recompute and overwrite
+        log.warning("FID: NOT using the cached reference statistics %s (%s); recomputing", cache_uri, e)
+        return None
+    if cached.identity == wanted and cached.recipe == FEATURE_RECIPE:
+        return cached
+    log.info("FID: %s holds statistics of other images or another recipe; recomputing", cache_uri)
+    return None
 
 
 def cached_reference_stats(cache_uri: str, identity: dict, images_fn: Callable[[], Images],
                            batch_size: int = 100, device: str | torch.device = "cpu") -> FeatureStats:
-    """Reference statistics from ``cache_uri`` (local path or s3://...) when it holds the same
-    ``identity`` and feature recipe; else computed from ``images_fn()`` and written there.
+    """Reference statistics from ``cache_uri`` when it holds the same ``identity`` and feature recipe
+    (read_cached_stats); else computed in this process from ``images_fn()`` and written there.
 
     Reference sets are large and fixed (minutes of Inception per evaluation otherwise), while
     the identity check keeps a changed dataset or split from silently reusing stale numbers.
     """
-    wanted = _canonical(identity)
-    if storage.exists(cache_uri):
-        try:
-            cached = FeatureStats.from_bytes(storage.read_verified(cache_uri))
-        except Exception as e:  # unverified, corrupt or older format: recompute and overwrite
-            log.warning("FID: NOT using the cached reference statistics %s (%s); recomputing", cache_uri, e)
-            cached = None
-        if cached is not None and cached.identity == wanted and cached.recipe == FEATURE_RECIPE:
-            return cached
-    stats = FeatureStats.from_features(inception_features(images_fn(), batch_size, device), wanted)
+    cached = read_cached_stats(cache_uri, identity)
+    if cached is not None:
+        return cached
+    stats = FeatureStats.from_features(inception_features(images_fn(), batch_size, device), identity)
     storage.write_verified(cache_uri, stats.to_bytes())
     return stats
+
+
+def fid_of_moments(moments: FeatureMoments, ref_stats: FeatureStats) -> float | None:
+    """FID of the images behind ``moments`` against reference statistics (None below 2 images)."""
+    if moments.count < 2:
+        return None
+    stats = moments.stats()
+    return frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma)
 
 
 def fid_from_images(gen_images: Images, ref_stats: FeatureStats, batch_size: int = 100,

@@ -18,14 +18,14 @@ def _curve(history: list[dict], key: str) -> list[tuple[float, float]]:
 
 
 def _reconstructions(cfg, n: int = 16) -> np.ndarray | None:
-    from pipeline.eval.evaluate import split_images
+    from pipeline.data.readers import split_images
     from pipeline.models.vae import build_vae_for, decode_latents, encode_images
 
     try:
         vae, _ = build_vae_for(cfg)
     except FileNotFoundError:
         return None
-    images, _ = split_images(cfg, "test", n)
+    images = split_images(cfg, "test", n)
     return rp.side_by_side(images, decode_latents(vae, encode_images(vae, images)), n=n, scale=2)
 
 
@@ -56,19 +56,21 @@ def build_report(cfg, gen: dict, stages: dict | None = None, out_uris: tuple[str
         "text": fid.get("note", "") + ("\n\n**Untrained encoders**: " + ", ".join(untrained) if untrained else ""),
         "table": [{"metric": k, "value": v} for k, v in headline.items() if v is not None],
     }]
+    from pipeline.eval.generate import read_images
+
     pick = rp.spread_pick(gen["prompts"], 48)
     held_out = " (held-out: the test split's captions)" if cfg.generate.prompts == "test" else ""
-    sections.append({"heading": "Samples", "text": f"{len(pick)} of the {len(gen['images'])} generated images, one per "
+    sections.append({"heading": "Samples", "text": f"{len(pick)} of the {gen['n']} generated images, one per "
                      f"distinct prompt where there are enough, spread over the run, each under its prompt{held_out}; "
                      "seed derived from its index.",
-                     "images": [("samples", rp.captioned_grid(gen["images"][pick], [gen["prompts"][i] for i in pick],
+                     "images": [("samples", rp.captioned_grid(read_images(gen["uri"], pick), [gen["prompts"][i] for i in pick],
                                                               ncols=8, scale=2), "generated images and their prompts")]})
     seen = gen.get("seen_prompts")
     if seen:
         sections.append({"heading": "Samples for training prompts",
                          "text": f"{seen['n']} images from training captions spread over the train split: prompts "
                                  "the denoiser saw, so these show what it learnt rather than how it generalises.",
-                         "images": [("samples_seen_prompts", rp.captioned_grid(seen["images"][:48], seen["prompts"][:48],
+                         "images": [("samples_seen_prompts", rp.captioned_grid(read_images(seen["uri"], range(min(48, seen["n"]))), seen["prompts"][:48],
                                                                                ncols=8, scale=2),
                                      "generated images for training captions")]})
     recon = _reconstructions(cfg)

@@ -6,7 +6,7 @@ the Ray Train worker in `loop.py` only adds data sharding, DDP and reporting aro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -102,22 +102,10 @@ def image_dataset(cfg, split: str = "train"):
     return decoded.filter(lambda r: r["reason"] == "").select_columns(["key", "image"])
 
 
-def _numpy_column(table, name: str, shape, dtype) -> np.ndarray:
-    """A parquet column of fixed-shape arrays (Ray's tensor type or nested lists) as one N x shape array."""
-    import pyarrow as pa
-
-    arr = table.column(name).combine_chunks()
-    if isinstance(arr.type, pa.ExtensionType):
-        arr = arr.storage
-    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
-        arr = arr.flatten()
-    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(table), *shape)
-
-
 def training_table(cfg, task: str, manifest: dict | None = None) -> dict[str, np.ndarray]:
     """The whole training set as arrays in key order (pipeline.train.data): the latents for the
     denoiser (files exactly as `_COMMITTED` lists them), decoded images for the autoencoder."""
-    from pipeline.data.encode import read_latents
+    from pipeline.data.encode import numpy_column, read_latents
     from pipeline.train import data
 
     if task == "vae":
@@ -128,9 +116,9 @@ def training_table(cfg, task: str, manifest: dict | None = None) -> dict[str, np
     else:
         table = read_latents(cfg.latents_uri(), "train", ["key", "latent", "text_emb", "text_mask"])
         arrays = {"key": np.asarray(table.column("key").to_pylist(), dtype=str),
-                  "latent": _numpy_column(table, "latent", manifest["latent_shape"], np.float32),
-                  "text_emb": _numpy_column(table, "text_emb", manifest["text_shape"], np.float16),
-                  "text_mask": _numpy_column(table, "text_mask", manifest["text_shape"][:1], np.int8)}
+                  "latent": numpy_column(table, "latent", manifest["latent_shape"], np.float32),
+                  "text_emb": numpy_column(table, "text_emb", manifest["text_shape"], np.float16),
+                  "text_mask": numpy_column(table, "text_mask", manifest["text_shape"][:1], np.int8)}
     return data.sort_by_key(arrays)
 
 

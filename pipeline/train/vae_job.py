@@ -10,15 +10,15 @@ from pipeline.train.vae_export import evaluate_vae, export_vae, latent_std, load
 
 
 def train_vae(cfg) -> dict:
-    from pipeline.eval.evaluate import split_images
+    from pipeline.data.readers import split_images
 
     t0 = time.time()
     trained = fit(cfg, task="vae")
     checkpoint = trained["checkpoint"]  # fit already chose (downloaded and verified) it
     vae = load_trained_vae(cfg, checkpoint)
-    train_images, _ = split_images(cfg, "train", cfg.vae_train.scale_images)
+    train_images = split_images(cfg, "train", cfg.vae_train.scale_images)
     std = latent_std(vae, train_images)
-    test_images, _ = split_images(cfg, "test", cfg.vae_train.eval_images)
+    test_images = split_images(cfg, "test", cfg.vae_train.eval_images)
     held_out = evaluate_vae(vae, test_images)
     info = export_vae(vae, cfg.vae_export_uri(), 1.0 / std, {
         "test_psnr": held_out["psnr"], "test_kl_per_dim": held_out["kl_per_dim"], "test_images": held_out["n"],

@@ -79,7 +79,7 @@ def test_a_crafted_pickle_never_runs(tmp_path, s3):
         load_checkpoint(str(forged))
     assert [s for s, _ in checkpoint_store.candidates(run_uri)] == [100]  # the old format is not even listed
     assert checkpoint_store.load_newest_trusted(run_uri) is None  # what training and generate call
-    from pipeline.eval.sample import load_ema_denoiser
+    from pipeline.eval.generate import load_ema_denoiser
 
     with pytest.raises(IncompleteCheckpoint):  # the generator actor's loader, pointed at it directly
         load_ema_denoiser(_cfg(), MANIFEST, f"{run_uri}/checkpoint_00000099")

@@ -33,7 +33,8 @@ DATA = ["vae.source=random", "data.n_train=32", "data.n_test=16", "data.shard_si
 TRAIN = ["train.num_workers=1", "train.steps=4", "train.checkpoint_every=4", "train.report_every=2",
          "train.batch_size=8"]
 # 12 batches of 2 images; no report. FID off: its sqrtm of a 2048 x 2048 matrix alone took 20-40 s per run
-# on 2 cores; the test compares the uint8 arrays FID is computed from instead (FID is a function of them).
+# on 2 cores; the test compares the Inception moments FID is computed from instead (FID is a function of
+# them and of the fixed reference statistics).
 GENERATE = ["generate.num_images=24", "generate.batch_size=2", "generate.steps=10", "eval.report=false",
             "fid.enabled=false"]
 
@@ -222,14 +223,17 @@ def test_killed_encode_loses_only_in_flight_shards(chain, ray_cluster, tmp_path)
 def test_killed_generate_resumes_by_image_index(chain, ray_cluster, tmp_path):
     import pyarrow.parquet as pq
 
-    from jobs import generate as generate_job
+    from pipeline.eval import scoring
+    from pipeline.eval.run import run as generate_job_run
 
     overrides = [f"run.storage={chain['root']}/clean", *chain["data"], *TRAIN, *GENERATE]
     cfg = config.load(TINY, overrides)
     out = storage.join(cfg.outputs_uri(), "generate")
-    clean = generate_job.run(cfg, report=False)
+    clean = generate_job_run(cfg, report=False)
     assert clean["batches"] == 12 and clean["reused_batches"] == 0
     want = _hashes(out, ["images"])
+    chunks = scoring.image_chunks("generate", out, clean["prompts"], 8, 2)  # 3 chunks of 8 images
+    clean_moments = scoring.score_chunks(cfg, chunks)["generate"]["partial"].moments
     assert len(want) == 24
     storage.rm(out)  # the clean run's images are kept as hashes; the killed run starts from nothing
 
@@ -249,12 +253,14 @@ def test_killed_generate_resumes_by_image_index(chain, ray_cluster, tmp_path):
     before = _mtimes(out, kept_pngs)
     time.sleep(1.1)  # as above: a rewrite would show
 
-    rerun = generate_job.run(cfg, report=False)  # in this process: its images come back to compare
+    rerun = generate_job_run(cfg, report=False)
     assert (rerun["reused_batches"], rerun["generated_batches"]) == (len(done), 12 - len(done))
     assert _mtimes(out, kept_pngs) == before  # the kept batches were read back, not made again
     assert _hashes(out, ["images"]) == want  # every PNG byte-identical to the uninterrupted run's
-    # What FID and the grid are computed from: the same pixels, in index order, kept batches included.
-    assert np.array_equal(rerun["images"], clean["images"]) and rerun["prompts"] == clean["prompts"]
+    # What FID is computed from: the same Inception moments, bit for bit, kept batches included.
+    moments = scoring.score_chunks(cfg, chunks)["generate"]["partial"].moments
+    assert moments.count == clean_moments.count == 24 and rerun["prompts"] == clean["prompts"]
+    assert np.array_equal(moments.total, clean_moments.total) and np.array_equal(moments.outer, clean_moments.outer)
     meta = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, "metadata.parquet"))))
     assert [int(k) for k in meta.column("key").to_pylist()] == list(range(24))
     assert rerun["latent_std"] == clean["latent_std"]  # kept batches' stats come from their records
@@ -337,12 +343,16 @@ def test_generate_keeps_only_batches_that_verify(tmp_path, capsys):
             storage.write_bytes(os.path.join(out, "images", batches.image_name(i)), p)
         batches.write_record(out, k, a, b, sha, pngs, [1.0] * (b - a))
     assert batches.prepare(out, identity) is True
-    kept = batches.kept_batches(out, bounds, sha, 8)
-    assert sorted(kept) == [0, 1] and np.array_equal(np.stack(kept[1]["image"]), images[2:4])
+
+    def kept() -> list[int]:
+        return [k for k, (a, b) in enumerate(bounds) if batches.verified_latent_std(out, k, a, b, sha, 8) is not None]
+
+    assert kept() == [0, 1] and batches.verified_latent_std(out, 1, 2, 4, sha, 8) == [1.0, 1.0]
+    assert batches.verified_latent_std(out, 1, 2, 4, sha, 16) is None  # the images are 8x8, not 16x16
     storage.write_bytes(os.path.join(out, "images", "000003.png"), png_bytes(images[0]))  # replaced: the fault
     capsys.readouterr()
-    assert sorted(batches.kept_batches(out, bounds, sha, 8)) == [0]
+    assert kept() == [0]
     assert "NOT keeping batch 1: 000003.png does not match" in capsys.readouterr().out
     assert batches.prepare(out, identity | {"steps": 5}) is False  # other settings: old images removed
     assert "holds images of other settings (steps)" in capsys.readouterr().out
-    assert not os.path.exists(os.path.join(out, "images")) and batches.kept_batches(out, bounds, sha, 8) == {}
+    assert not os.path.exists(os.path.join(out, "images")) and kept() == []

@@ -284,7 +284,7 @@ def _store_a_checkpoint(cfg, manifest: dict) -> None:
 def clean_run(s3, ray_cluster):
     """ingest -> encode -> (a checkpoint) -> generate straight to SeaweedFS, in this process; returns
     the config and the outputs of encode and generate, the reference for the faulty run."""
-    from jobs.generate import run as generate_run
+    from pipeline.eval.run import run as generate_run
     from pipeline.data.encode import encode
     from pipeline.data.ingest import ingest
 

