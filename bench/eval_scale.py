@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from pipeline import paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
                            "fid": round(out["fid"]["fid"], 3)})
             print(f"eval_scale: {memory[-1]}", flush=True)
         largest = max(counts)
-        out_uri = config.load(TINY, base + [f"run.name=scale-{largest}"]).outputs_uri() + "/generate"
+        out_uri = paths.outputs(config.load(TINY, base + [f"run.name=scale-{largest}"])) + "/generate"
         n = min(args.score_images, largest)
         chunks = scoring.image_chunks("bench", out_uri, ["-"] * n, cfg.fid.chunk_images // 4, cfg.generate.batch_size)
         for actors in (int(a) for a in args.actors.split(",")):

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from pipeline import paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,7 +47,7 @@ def main(argv=None) -> list[dict]:
     sub = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, num_images=args.images))
     rows, run_dir = [], os.path.abspath(args.run_dir)
     with local_driver(cfg, run_dir):
-        manifest = load_manifest(cfg.latents_uri())
+        manifest = load_manifest(paths.latents(cfg))
         ref, _, _ = scoring.reference_stats(cfg)
         classify = scoring.prompt_classifier(cfg)[0] is not None  # trained (or cached) before the actors load it
         wanted = {int(s) for s in args.steps.split(",") if s.strip()}
@@ -54,7 +55,7 @@ def main(argv=None) -> list[dict]:
             if wanted and step not in wanted:
                 continue
             t0 = time.time()
-            gen = generate(sub, manifest, checkpoint, cfg.latents_uri(), out_name=f"curve-step{step}")
+            gen = generate(sub, manifest, checkpoint, paths.latents(cfg), out_name=f"curve-step{step}")
             chunks = scoring.image_chunks("curve", gen["uri"], gen["prompts"], cfg.fid.chunk_images, cfg.generate.batch_size)
             part = scoring.score_chunks(cfg, chunks, classify=classify)["curve"]["partial"]
             rows.append({"step": step, "samples_seen": step * cfg.train.batch_size, "fid": round(fid_of_moments(part.moments, ref), 2),

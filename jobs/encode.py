@@ -3,7 +3,7 @@
     python -m jobs.encode --config configs/tiny.yaml [section.key=value ...]
 """
 
-from pipeline import cli
+from pipeline import cli, paths
 from pipeline.data.encode import encode
 
 
@@ -12,7 +12,7 @@ def main(argv=None) -> dict:
     cli.setup_logging()
     with cli.ray_session(args.ray_address):
         manifest = encode(cfg)
-    print(f"encode: {manifest['n_encoded']} encoded, {manifest['n_rejected']} rejected -> {cfg.latents_uri()}")
+    print(f"encode: {manifest['n_encoded']} encoded, {manifest['n_rejected']} rejected -> {paths.latents(cfg)}")
     return manifest
 
 

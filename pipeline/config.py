@@ -380,40 +380,6 @@ class Config:
             d = {s: d[s] for s in sections} | {"seed": self.run.seed}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
-    # Derived locations: one place decides the storage layout.
-    def raw_uri(self) -> str:
-        from pipeline import storage
-
-        return self.data.input_uri or storage.join(self.run.storage, "datasets", self.data.source)
-
-    def vae_export_uri(self) -> str:
-        """Where `jobs.train_vae` exports the trained autoencoder (diffusers format)."""
-        from pipeline import storage
-
-        return storage.join(self.run.storage, "vae", self.run.name)
-
-    def latents_uri(self) -> str:
-        """Keyed by everything that changes the latents: data, encoders, seed, and for a trained VAE the
-        hash of its exported weights (so retraining it never reuses stale latents)."""
-        from pipeline import storage
-
-        key = self.fingerprint("data", "text_encoder", "vae")
-        if self.vae.source == "trained":
-            marker = storage.join(self.vae_export_uri(), storage.COMMIT_MARKER)
-            sha = storage.read_json(marker).get("sha256", "") if storage.exists(marker) else "missing"
-            key = hashlib.sha256(f"{key}-{sha}".encode()).hexdigest()[:12]
-        return storage.join(self.run.storage, "latents", f"{self.data.source}-{self.data.image_size}px-{key}")
-
-    def checkpoints_uri(self) -> str:
-        from pipeline import storage
-
-        return storage.join(self.run.storage, "checkpoints")
-
-    def outputs_uri(self) -> str:
-        from pipeline import storage
-
-        return storage.join(self.run.storage, "outputs", self.run.name)
-
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field, read from the class source (base classes first)."""
@@ -590,15 +556,6 @@ def validate(cfg: Config) -> None:
             f"denoiser.block_out_channels: {levels} levels need a latent size divisible by {2 ** (levels - 1)}, "
             f"but data.image_size={cfg.data.image_size} gives {latent}"
         )
-
-
-def resolve_use_gpu(setting: str) -> bool:
-    """A `use_gpu` setting (auto/yes/no) against the connected Ray cluster."""
-    if setting != "auto":
-        return setting == "yes"
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def describe() -> str:

@@ -87,7 +87,6 @@ __all__ = [
     "sample",
     "sample_timesteps",
     "schedule_tables",
-    "timestep_quartile_losses",
     "to_bits_per_dim",
     "vlb_terms",
 ]
@@ -313,8 +312,8 @@ def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, reduction: str =
     """L_simple = MSE(eps_pred, noise), computed in float32 (or wider).
 
     reduction "mean": a scalar, the mean over all elements (= mean of per-sample losses, all samples
-    having the same size); "none": per-sample losses [B] (mean over all non-batch dims), e.g. for
-    :func:`timestep_quartile_losses`.
+    having the same size); "none": per-sample losses [B] (mean over all non-batch dims), e.g. for the
+    loss by timestep quartile that training reports.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; allowed: mean, none")
@@ -325,16 +324,6 @@ def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, reduction: str =
     if reduction == "mean":
         return sq.mean()
     return sq.reshape(sq.shape[0], -1).mean(dim=1)
-
-
-def timestep_quartile_losses(losses: torch.Tensor, t: torch.Tensor, num_train_timesteps: int) -> dict[str, float]:
-    """Mean per-sample loss in each timestep quartile, as improved-diffusion logs it.
-
-    Quartile q = floor(4 t / T); returns {"loss_q0": ..., ...} for the quartiles present in the batch.
-    """
-    q = (4 * t.detach().to("cpu", torch.long)) // num_train_timesteps
-    losses = losses.detach().to("cpu", torch.float64)
-    return {f"loss_q{k}": float(losses[q == k].mean()) for k in range(4) if bool((q == k).any())}
 
 
 # --------------------------------------------------------------------------- sampling side

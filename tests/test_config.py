@@ -8,7 +8,7 @@ import typing
 
 import pytest
 
-from pipeline import config
+from pipeline import config, paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -79,8 +79,8 @@ def test_latents_location_depends_on_encoders_not_on_training(tmp_path):
     base = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), common)
     more_steps = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), common + ["train.steps=99"])
     other_vae = config.load(os.path.join(ROOT, "configs", "tiny.yaml"), common + ["vae.latent_channels=8"])
-    assert base.latents_uri() == more_steps.latents_uri()
-    assert base.latents_uri() != other_vae.latents_uri()
+    assert paths.latents(base) == paths.latents(more_steps)
+    assert paths.latents(base) != paths.latents(other_vae)
 
 
 def test_bad_cli_config_exits_with_message(capsys):

@@ -488,12 +488,6 @@ def test_diffusion_loss():
         D.diffusion_loss(pred, noise, reduction="sum")
 
 
-def test_timestep_quartile_losses():
-    losses = torch.tensor([1.0, 2.0, 3.0, 5.0])
-    t = torch.tensor([0, 249, 250, 999])
-    assert D.timestep_quartile_losses(losses, t, T) == {"loss_q0": 1.5, "loss_q1": 3.0, "loss_q3": 5.0}
-
-
 def test_sample_timesteps():
     t = D.sample_timesteps(50_000, T, torch.Generator().manual_seed(6))
     assert t.dtype == torch.long and t.shape == (50_000,)

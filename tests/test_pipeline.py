@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import config, storage
+from pipeline import config, paths, storage
 from pipeline.data import schema
 from pipeline.data.shards import build_tar
 
@@ -50,9 +50,9 @@ def chain(s3, ray_cluster):
         ("good_extra", _png("blue"), "a blue square", "png", {}),
     ]
     tar = build_tar(bad) + b""
-    storage.write_bytes(storage.join(cfg.raw_uri(), "train", "00099.tar"), tar)
+    storage.write_bytes(storage.join(paths.raw(cfg), "train", "00099.tar"), tar)
     # A member with no caption at all.
-    storage.write_bytes(storage.join(cfg.raw_uri(), "train", "00100.tar"),
+    storage.write_bytes(storage.join(paths.raw(cfg), "train", "00100.tar"),
                         build_tar([("no_caption", _png("green"), None, "png", {})]))
     manifest = encode(cfg)
     train = fit(cfg)
@@ -69,15 +69,15 @@ def test_encode_counts_reconcile_and_rejects_are_kept(chain):
     assert train["n_in"] == train["n_encoded"] + train["n_rejected"]
     assert train["n_encoded"] == chain["counts"]["train"] + 1  # good_extra made it through
     assert train["rejects_by_reason"] == {"undecodable_image": 1, "empty_caption": 1, "missing_caption": 1}
-    fs, path = storage.pyarrow_fs(storage.join(cfg.latents_uri(), "rejects", "train"))
+    fs, path = storage.pyarrow_fs(storage.join(paths.latents(cfg), "rejects", "train"))
     rejects = pq.read_table(path, filesystem=fs).to_pylist()
     by_key = {r["key"]: r for r in rejects}
     assert set(by_key) == {"bad_png", "empty_caption", "no_caption"}
     assert schema.reason_code(by_key["bad_png"]["reason"]) == "undecodable_image"
     assert by_key["bad_png"]["source"].endswith("00099.tar")
     assert m["untrained"] is True and m["text_encoder"]["name"] == "untrained-tiny-t5"
-    assert storage.is_committed(cfg.latents_uri())
-    fs, path = storage.pyarrow_fs(storage.join(cfg.latents_uri(), "train"))
+    assert storage.is_committed(paths.latents(cfg))
+    fs, path = storage.pyarrow_fs(storage.join(paths.latents(cfg), "train"))
     table = pq.read_table(path, filesystem=fs)
     assert table.num_rows == train["n_encoded"]
     latent = np.asarray(table.column("latent")[0].as_py(), dtype=np.float32)
@@ -169,11 +169,11 @@ def test_generate_job_evaluates_bound_and_sweeps(chain):
     assert rows[3].pop("reused") is True and "reused" not in rows[1]
     assert {k: v for k, v in rows[3].items() if k != "sweep"} == {k: v for k, v in rows[1].items() if k != "sweep"}
     assert "prompt_accuracy" not in ev  # no classifier for emoji (eval.classifier=auto)
-    stored = storage.read_json(storage.join(cfg.outputs_uri(), "generate", "eval.json"))
+    stored = storage.read_json(storage.join(paths.outputs(cfg), "generate", "eval.json"))
     assert stored["vlb"]["n_latents"] == 8
     # Seen prompts: training captions from the first to the last of the split, not the test prompts.
     train_captions = load_prompts(dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, prompts="train")),
-                                  cfg.latents_uri())
+                                  paths.latents(cfg))
     seen = out["seen_prompts"]
     assert seen["n"] == 4 and stored["seen_prompts"]["n"] == 4 and len(storage.ls(storage.join(seen["uri"], "images"))) == 4
     assert seen["prompts"][0] == train_captions[0] and seen["prompts"][-1] == train_captions[-1]
@@ -184,7 +184,7 @@ def test_generate_job_evaluates_bound_and_sweeps(chain):
     assert near["samples"]["n"] == 0 and near["samples"]["accuracy"] is None
     assert near["seen_prompts"]["n"] == 4 and near["seen_prompts"]["n_ref"] == len(train_captions) == 65
     assert 0.0 <= near["seen_prompts"]["accuracy"] <= 1.0 and 0 < near["seen_prompts"]["chance"] < 0.1
-    report = storage.read_bytes(storage.join(cfg.outputs_uri(), "report", "report.md")).decode()
+    report = storage.read_bytes(storage.join(paths.outputs(cfg), "report", "report.md")).decode()
     assert "## Samples for training prompts" in report and "(samples_seen_prompts.png)" in report
     assert "nearest training image has the prompt, training-prompt samples" in report
     assert "Untrained encoders**: text_encoder" in report  # the tiny config's random T5 is named
@@ -203,7 +203,7 @@ def test_train_vae_through_ray_then_encode_with_it(chain):
     assert info["test_images"] == 16
     m = encode(cfg)
     assert m["vae"]["trained"] is True and m["vae"]["sha256"] == info["sha256"]
-    assert cfg.latents_uri() != chain["cfg"].latents_uri()
+    assert paths.latents(cfg) != paths.latents(chain["cfg"])
     assert m["splits"]["train"]["n_encoded"] == chain["manifest"]["splits"]["train"]["n_encoded"]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, storage
+from pipeline import config, paths, storage
 from pipeline.data.shards import build_tar
 from pipeline.eval import fid, scoring
 from pipeline.eval.batches import image_name
@@ -46,7 +46,7 @@ def fixed(s3, ray_cluster):
               [(f"{i:04d}", png_bytes(real[i]), f"caption {i}", "png", {}) for i in range(20, 36)]]
     shards[1].insert(3, ("bad", b"not an image", "a broken one", "png", {}))  # left out, as encode rejects it
     for k, samples in enumerate(shards):
-        storage.write_bytes(storage.join(cfg.raw_uri(), "test", f"{k:05d}.tar"), build_tar(samples))
+        storage.write_bytes(storage.join(paths.raw(cfg), "test", f"{k:05d}.tar"), build_tar(samples))
     out = storage.join(prefix, "gen")
     for i, img in enumerate(gen):
         storage.write_bytes(storage.join(out, "images", image_name(i)), png_bytes(img))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, storage
+from pipeline import config, paths, storage
 from pipeline.models.vae import build_vae, encode_images
 from pipeline.train.vae_export import evaluate_vae, export_vae, latent_std
 from pipeline.train.vae_step import build_vae_train_state, psnr_from_mse, vae_losses, vae_train_step
@@ -78,17 +78,17 @@ def test_export_round_trip_sets_the_measured_scaling_factor(tmp_path):
     metrics = evaluate_vae(vae, images)
     assert 0 < metrics["psnr"] < 60 and metrics["n"] == 32
     with pytest.raises(FileNotFoundError, match="train_vae"):
-        build_vae(cfg.vae, 0, 16, export_uri=cfg.vae_export_uri())
-    uri_before = cfg.latents_uri()
-    info = export_vae(vae, cfg.vae_export_uri(), 1.0 / std, {"test_psnr": metrics["psnr"]})
-    assert storage.is_committed(cfg.vae_export_uri())
-    loaded, identity = build_vae(cfg.vae, 0, 16, export_uri=cfg.vae_export_uri())
+        build_vae(cfg.vae, 0, 16, export_uri=paths.vae_export(cfg))
+    uri_before = paths.latents(cfg)
+    info = export_vae(vae, paths.vae_export(cfg), 1.0 / std, {"test_psnr": metrics["psnr"]})
+    assert storage.is_committed(paths.vae_export(cfg))
+    loaded, identity = build_vae(cfg.vae, 0, 16, export_uri=paths.vae_export(cfg))
     assert identity["trained"] is True and identity["sha256"] == info["sha256"]
     assert loaded.config.scaling_factor == pytest.approx(1.0 / std)
     z = encode_images(loaded, images)
     assert float(z.std()) == pytest.approx(1.0, rel=1e-3)  # scaled latents have unit std on that sample
     # The latent dataset's location follows the exported weights, so retraining never reuses stale latents.
-    assert cfg.latents_uri() != uri_before
+    assert paths.latents(cfg) != uri_before
 
 
 def test_a_tampered_export_is_refused(tmp_path):
@@ -98,12 +98,12 @@ def test_a_tampered_export_is_refused(tmp_path):
 
     cfg = _cfg(f"run.storage={tmp_path}")
     vae, _ = build_vae(cfg.vae, 0, 16, trainable=True, force_random=True)
-    export_vae(vae.eval(), cfg.vae_export_uri(), 1.0, {})
-    weights = os.path.join(cfg.vae_export_uri(), "diffusion_pytorch_model.safetensors")
+    export_vae(vae.eval(), paths.vae_export(cfg), 1.0, {})
+    weights = os.path.join(paths.vae_export(cfg), "diffusion_pytorch_model.safetensors")
     data = bytearray(open(weights, "rb").read())
     data[-64:] = bytes(b ^ 0x55 for b in data[-64:])  # inside the last tensor's values
     with open(weights, "wb") as f:
         f.write(bytes(data))
     load_file(weights)  # still a valid safetensors file
     with pytest.raises(storage.CorruptArtifact, match="do not match the sha256"):
-        build_vae(cfg.vae, 0, 16, export_uri=cfg.vae_export_uri())
+        build_vae(cfg.vae, 0, 16, export_uri=paths.vae_export(cfg))

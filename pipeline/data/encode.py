@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.config import resolve_use_gpu
+from pipeline import paths, storage
 from pipeline.data import schema
 from pipeline.data.decode import check_record, clean_caption
+from pipeline.devices import resolve_use_gpu
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def nonfinite_reasons(latents: np.ndarray, text_emb: np.ndarray) -> list[str]:
 def list_split_shards(cfg, split: str) -> list[str]:
     from pipeline.data.shards import list_shards
 
-    prefix = storage.join(cfg.raw_uri(), split)
+    prefix = storage.join(paths.raw(cfg), split)
     shards = list_shards(prefix, cfg.data.format)
     if not shards:
         raise FileNotFoundError(
@@ -228,7 +228,7 @@ def _remove_strays(out_uri: str, records: dict[str, dict[str, dict]]) -> None:
 
 
 def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
-    """Encode every split into `cfg.latents_uri()`; returns the manifest. Skips work already committed
+    """Encode every split into `paths.latents(cfg)`; returns the manifest. Skips work already committed
     with the same config (the latents location is keyed by a hash of data, text encoder, VAE, seed),
     and, after an interrupted run, every shard whose done record verifies."""
     import torch
@@ -237,7 +237,7 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     from pipeline.models.text import build_text_encoder
     from pipeline.models.vae import build_vae_for, latent_shape
 
-    out = cfg.latents_uri()
+    out = paths.latents(cfg)
     if storage.is_committed(out) and not force:
         try:
             manifest = load_manifest(out)
@@ -280,7 +280,7 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
         "text_encoder": text.identity,
         "vae": vae_identity,
         "untrained": untrained,
-        "raw_uri": cfg.raw_uri(),
+        "raw_uri": paths.raw(cfg),
         "config": {k: cfg.to_dict()[k] for k in ("data", "text_encoder", "vae")},
         "seconds": round(time.time() - t0, 2),
         "torch": torch.__version__,

@@ -1,7 +1,7 @@
 """One raw shard, the unit of work and of commit of the encode stage, and the records that let a rerun
 skip the shards an earlier (killed) run finished.
 
-Layout under the latents folder (`cfg.latents_uri()`), per input shard `<split>/<stem>.tar|.parquet`:
+Layout under the latents folder (`paths.latents(cfg)`), per input shard `<split>/<stem>.tar|.parquet`:
 
     <split>/<stem>.parquet            finite rows: key, caption, latent, text_emb, text_mask (absent if none)
     rejects/<split>/<stem>.parquet    key, source, reason (absent if none)

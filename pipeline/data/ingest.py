@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline import storage
+from pipeline import paths, storage
 from pipeline.config import ConfigError
 from pipeline.data import sources
 from pipeline.data.shards import write_parquet_shards, write_webdataset_shards
@@ -40,12 +40,12 @@ def source_options(cfg) -> dict:
 
 def ingest(cfg) -> dict:
     if cfg.data.source == "shards":
-        print(f"ingest: data.source=shards: using your shards at {cfg.raw_uri()} as they are")
+        print(f"ingest: data.source=shards: using your shards at {paths.raw(cfg)} as they are")
         return {}
     counts = {}
     opts = source_options(cfg)  # checked once, before either split is touched
     for split, limit in (("train", cfg.data.n_train), ("test", cfg.data.n_test)):
-        prefix = storage.join(cfg.raw_uri(), split)
+        prefix = storage.join(paths.raw(cfg), split)
         settings = {"source": cfg.data.source, "split": split, "limit": limit, "format": cfg.data.format,
                     "shard_size": cfg.data.shard_size, "source_dir": cfg.data.source_dir}
         if cfg.data.source == "emoji" and opts:  # only then: existing markers of other settings stay valid

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import paths, storage
 from pipeline.data.decode import check_record
 
 
@@ -41,7 +41,7 @@ def split_records(cfg, split: str = "test", limit: int = 0) -> tuple[np.ndarray,
             if limit and len(images) >= limit:
                 return np.stack(images), captions
     if not images:
-        raise ValueError(f"no usable images in the {split} split under {cfg.raw_uri()}")
+        raise ValueError(f"no usable images in the {split} split under {paths.raw(cfg)}")
     return np.stack(images), captions
 
 
@@ -56,5 +56,5 @@ def split_identity(cfg, split: str, limit: int = 0) -> dict:
     from pipeline.data.encode import list_split_shards
 
     shards = {uri.rsplit("/", 1)[-1]: storage.size(uri) for uri in list_split_shards(cfg, split)}
-    return {"raw_uri": cfg.raw_uri(), "split": split, "format": cfg.data.format, "shards": shards,
+    return {"raw_uri": paths.raw(cfg), "split": split, "format": cfg.data.format, "shards": shards,
             "image_size": cfg.data.image_size, "limit": limit}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import psutil
 
-from pipeline import storage
+from pipeline import paths, storage
 
 TRAIN_WORKER = "RayTrainWorker"
 
@@ -59,7 +59,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, poll: f
 
 def history(cfg, task: str = "denoiser") -> list[dict]:
     """Rank 0's metric history of the run (one entry per report; per step with report_every=1)."""
-    uri = storage.join(cfg.outputs_uri(), f"{task}_metrics.json")
+    uri = storage.join(paths.outputs(cfg), f"{task}_metrics.json")
     return storage.read_json(uri) if storage.exists(uri) else []
 
 

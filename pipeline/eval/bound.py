@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline import diffusion
+from pipeline import diffusion, paths
 
 
 def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
@@ -20,7 +20,7 @@ def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
 
     n = cfg.eval.vlb_latents
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    table = read_latents(cfg.latents_uri(), "test", ["latent", "text_emb", "text_mask"]).slice(0, n)
+    table = read_latents(paths.latents(cfg), "test", ["latent", "text_emb", "text_mask"]).slice(0, n)
     text_shape = manifest["text_shape"]
     x0 = torch.from_numpy(numpy_column(table, "latent", manifest["latent_shape"], np.float32))
     emb = torch.from_numpy(numpy_column(table, "text_emb", text_shape, np.float32)).to(device)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import diffusion, storage
-from pipeline.config import resolve_use_gpu
+from pipeline import diffusion, paths, storage
+from pipeline.devices import resolve_use_gpu
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ImageSet:
         return cls(name, g, tuple(source_prompts[i % len(source_prompts)] for i in range(g.num_images)))
 
     def out(self, cfg) -> str:
-        return storage.join(cfg.outputs_uri(), self.name)
+        return storage.join(paths.outputs(cfg), self.name)
 
 
 class Generator:

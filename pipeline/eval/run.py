@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from pipeline import diffusion, storage
-from pipeline.config import resolve_use_gpu
+from pipeline import diffusion, paths, storage
+from pipeline.devices import resolve_use_gpu
 from pipeline.eval import scoring
 from pipeline.eval.fid import fid_of_moments
 from pipeline.eval.generate import ImageSet, generate_sets, load_prompts
@@ -76,7 +76,7 @@ def run(cfg, report: bool = True) -> dict:
     from pipeline.eval.bound import variational_bound
     from pipeline.train.trainer import latest_checkpoint_uri
 
-    latents_uri = cfg.latents_uri()
+    latents_uri = paths.latents(cfg)
     manifest = load_manifest(latents_uri)
     checkpoint = latest_checkpoint_uri(cfg)
     if checkpoint is None:
@@ -116,7 +116,7 @@ def run(cfg, report: bool = True) -> dict:
         }
         if main.count < 2048 or ref.count < 2048:
             out["fid"]["note"] = FEW_IMAGES_NOTE
-        storage.write_json(storage.join(cfg.outputs_uri(), MAIN, "fid.json"), out["fid"])
+        storage.write_json(storage.join(paths.outputs(cfg), MAIN, "fid.json"), out["fid"])
         print(f"fid: {out['fid']['fid']:.2f} ({main.count} generated vs {ref.count} test images) -> "
               f"{out['uri']}/fid.json")
 
@@ -144,7 +144,7 @@ def run(cfg, report: bool = True) -> dict:
                           f"{m['n']} {label} (chance {m['chance']:.3f})")
     if cfg.eval.sweep_images:
         ev["sweeps"] = _sweep_rows(cfg, gens, scores, ref, clf_info is not None)
-    storage.write_json(storage.join(cfg.outputs_uri(), MAIN, "eval.json"), ev)
+    storage.write_json(storage.join(paths.outputs(cfg), MAIN, "eval.json"), ev)
     out["eval"] = ev
     out["encoders"] = {"text_encoder": manifest["text_encoder"], "vae": manifest["vae"]}
     if report and cfg.eval.report:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import paths, storage
 from pipeline.eval import report as rp
 
 
 def _history(cfg, task: str) -> list[dict]:
-    uri = storage.join(cfg.outputs_uri(), f"{task}_metrics.json")
+    uri = storage.join(paths.outputs(cfg), f"{task}_metrics.json")
     return storage.read_json(uri) if storage.exists(uri) else []
 
 
@@ -34,7 +34,7 @@ def build_report(cfg, gen: dict, stages: dict | None = None, out_uris: tuple[str
     fid = gen.get("fid") or {}
     ev = gen.get("eval") or {}
     vae_info = {}
-    metrics_uri = storage.join(cfg.vae_export_uri(), "metrics.json")
+    metrics_uri = storage.join(paths.vae_export(cfg), "metrics.json")
     if cfg.vae.source == "trained" and storage.exists(metrics_uri):
         vae_info = storage.read_json(metrics_uri)
     headline = {
@@ -110,5 +110,5 @@ def build_report(cfg, gen: dict, stages: dict | None = None, out_uris: tuple[str
     sections.append({"heading": "Config", "text": rp.config_block(cfg.to_dict())})
     sections.append({"heading": "Versions", "table": [rp.versions()]})
     title = f"ray-latent-diffusion run `{cfg.run.name}` ({cfg.data.source}, {cfg.data.image_size} px)"
-    targets = [storage.join(cfg.outputs_uri(), "report"), *out_uris]
+    targets = [storage.join(paths.outputs(cfg), "report"), *out_uris]
     return [rp.write_report(uri, title=title, sections=sections) for uri in targets]

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.config import resolve_use_gpu
+from pipeline import paths, storage
+from pipeline.devices import resolve_use_gpu
 from pipeline.eval import fid
-
 
 REFERENCE = "reference"  # the set name of the reference images' chunks
 NUM_CLASSES = 10  # the prompt classifier's (Fashion-MNIST); checked against it in tests
@@ -208,7 +207,7 @@ def cached_reference(cfg, split: str = "test") -> tuple[fid.FeatureStats | None,
 
     identity = split_identity(cfg, split, cfg.fid.n_ref) | {"recipe": fid.FEATURE_RECIPE}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    cache_uri = storage.join(cfg.run.storage, "fid_stats", f"{key}.npz")
+    cache_uri = paths.fid_stats(cfg, key)
     return fid.read_cached_stats(cache_uri, identity), cache_uri, identity
 
 
@@ -245,7 +244,7 @@ def prompt_classifier(cfg):
     root = cfg.data.source_dir or None
     size = cfg.data.image_size
     identity = {"dataset": "fashion_mnist", "split": "train", "size": size, "root": root or "default"}
-    uri = storage.join(cfg.run.storage, "classifiers", f"fashion_mnist-{size}px.safetensors")
+    uri = paths.classifier(cfg, size)
     return clf.load_or_train(
         uri, identity,
         data_fn=lambda: clf.fashion_arrays("train", size=size, root=root)[:2],

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import torch
 
-from pipeline import storage
+from pipeline import paths, storage
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def build_vae(cfg, seed: int, image_size: int, device: str | torch.device = "cpu
 
 def build_vae_for(cfg, device: str | torch.device = "cpu"):
     """The frozen VAE a pipeline Config asks for (cfg: Config)."""
-    return build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, device, export_uri=cfg.vae_export_uri())
+    return build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, device, export_uri=paths.vae_export(cfg))
 
 
 def _from_pretrained(cls, where: str, verified_export: bool = False):

@@ -112,7 +112,7 @@ def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> d
     emb = torch.where(drop[:, None, None], state.null_emb.expand_as(emb), emb)
     mask = torch.where(drop[:, None], state.null_mask.expand_as(mask), mask)
     noise = torch.randn(x0.shape, generator=g)
-    t = torch.randint(0, state.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
+    t = diffusion.sample_timesteps(b, state.noise_scheduler.config.num_train_timesteps, g)
     x_t = diffusion.add_noise(state.noise_scheduler, x0, noise, t)
 
     x_t, t_dev, emb, mask, noise = (v.to(device) for v in (x_t, t, emb, mask, noise))

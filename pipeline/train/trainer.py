@@ -14,11 +14,11 @@ import uuid
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import paths, storage
+from pipeline.data.encode import load_manifest, load_null_text
+from pipeline.devices import resolve_use_gpu
 from pipeline.signals import keep_python_sigint_handler
 from pipeline.train import checkpoint_store
-from pipeline.config import resolve_use_gpu
-from pipeline.data.encode import load_manifest, load_null_text
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +29,24 @@ def run_name(cfg, task: str = "denoiser") -> str:
 
 def run_uri(cfg, task: str = "denoiser") -> str:
     """Where this run's checkpoint folders live (Ray Train's experiment folder)."""
-    return storage.join(cfg.checkpoints_uri(), run_name(cfg, task))
+    return storage.join(paths.checkpoints(cfg), run_name(cfg, task))
 
 
 def starts_uri(cfg, task: str = "denoiser") -> str:
     """JSON list of the run's worker-group starts: attempt id, fit, step and data position resumed from, nodes."""
-    return storage.join(cfg.outputs_uri(), f"{task}_starts.json")
+    return storage.join(paths.outputs(cfg), f"{task}_starts.json")
 
 
 def samples_uri(cfg, task: str = "denoiser") -> str:
     """Where each rank records the sample keys of every batch it trained on (pipeline.train.data.SampleLog)."""
-    return storage.join(cfg.outputs_uri(), "samples", task)
+    return storage.join(paths.outputs(cfg), "samples", task)
 
 
 def audit_samples(cfg, task: str = "denoiser") -> dict:
     """Per epoch: samples trained on, missing, repeated, out of order (pipeline.train.data.audit)."""
     from pipeline.train import data
 
-    keys = training_table(cfg, task, load_manifest(cfg.latents_uri()) if task == "denoiser" else None)["key"]
+    keys = training_table(cfg, task, load_manifest(paths.latents(cfg)) if task == "denoiser" else None)["key"]
     loop = cfg.vae_train if task == "vae" else cfg.train
     return data.audit(samples_uri(cfg, task), storage.read_json(starts_uri(cfg, task)), keys, cfg.run.seed,
                       loop.batch_size)
@@ -114,7 +114,7 @@ def training_table(cfg, task: str, manifest: dict | None = None) -> dict[str, np
             raise RuntimeError("no decodable training images: check the ingest's rejects")
         arrays = {k: np.concatenate([b[k] for b in batches]) for k in ("key", "image")}
     else:
-        table = read_latents(cfg.latents_uri(), "train", ["key", "latent", "text_emb", "text_mask"])
+        table = read_latents(paths.latents(cfg), "train", ["key", "latent", "text_emb", "text_mask"])
         arrays = {"key": np.asarray(table.column("key").to_pylist(), dtype=str),
                   "latent": numpy_column(table, "latent", manifest["latent_shape"], np.float32),
                   "text_emb": numpy_column(table, "text_emb", manifest["text_shape"], np.float16),
@@ -131,10 +131,10 @@ def fit(cfg, task: str = "denoiser") -> dict:
 
     from pipeline.train import dist
 
-    data_identity = {"latents_uri": cfg.latents_uri()} if task == "denoiser" else {}
+    data_identity = {"latents_uri": paths.latents(cfg)} if task == "denoiser" else {}
     check_resumable(cfg, task, data_identity)
     checkpoint_store.remove_incomplete(run_uri(cfg, task))
-    outputs = cfg.outputs_uri()
+    outputs = paths.outputs(cfg)
     fit_id = uuid.uuid4().hex[:12]
     loop_config: dict = {"cfg": cfg.to_dict(), "task": task, "data_identity": data_identity,
                          "run_uri": run_uri(cfg, task), "fit_id": fit_id,
@@ -147,7 +147,7 @@ def fit(cfg, task: str = "denoiser") -> dict:
         manifest = None
     else:
         loop = cfg.train
-        latents = cfg.latents_uri()
+        latents = paths.latents(cfg)
         manifest = load_manifest(latents)
         null_emb, null_mask = load_null_text(latents)
         if manifest["untrained"]:
@@ -163,8 +163,8 @@ def fit(cfg, task: str = "denoiser") -> dict:
         raise RuntimeError(f"{task}: {n_samples} training samples, fewer than one batch of {loop.batch_size}: "
                            "lower the batch size or ingest more data")
     use_gpu = resolve_use_gpu(loop.use_gpu)
-    storage.ensure_bucket(cfg.checkpoints_uri())
-    storage.makedirs(cfg.checkpoints_uri())
+    storage.ensure_bucket(paths.checkpoints(cfg))
+    storage.makedirs(paths.checkpoints(cfg))
     storage.rm(loop_config["result_uri"])  # written by rank 0 at the end of this fit, never an earlier one's
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
@@ -173,8 +173,8 @@ def fit(cfg, task: str = "denoiser") -> dict:
                                                placement_strategy=loop.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name(cfg, task),
-            storage_path=storage.train_storage_path(cfg.checkpoints_uri()),
-            storage_filesystem=storage.ray_filesystem(cfg.checkpoints_uri()),  # io timeouts/attempts
+            storage_path=storage.train_storage_path(paths.checkpoints(cfg)),
+            storage_filesystem=storage.ray_filesystem(paths.checkpoints(cfg)),  # io timeouts/attempts
             # A lost worker or node restarts the whole group, which resumes from the newest checkpoint.
             failure_config=ray.train.FailureConfig(max_failures=loop.max_failures),
         ),

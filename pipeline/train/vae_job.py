@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import storage
+from pipeline import paths, storage
 from pipeline.train.trainer import fit
 from pipeline.train.vae_export import evaluate_vae, export_vae, latent_std, load_trained_vae
 
@@ -20,15 +20,15 @@ def train_vae(cfg) -> dict:
     std = latent_std(vae, train_images)
     test_images = split_images(cfg, "test", cfg.vae_train.eval_images)
     held_out = evaluate_vae(vae, test_images)
-    info = export_vae(vae, cfg.vae_export_uri(), 1.0 / std, {
+    info = export_vae(vae, paths.vae_export(cfg), 1.0 / std, {
         "test_psnr": held_out["psnr"], "test_kl_per_dim": held_out["kl_per_dim"], "test_images": held_out["n"],
         "latent_std": std, "steps": trained["steps"], "checkpoint": checkpoint, "beta": cfg.vae_train.beta,
     })
     info["seconds"] = round(time.time() - t0, 2)
     print(f"train_vae: held-out PSNR {held_out['psnr']:.2f} dB, KL/dim {held_out['kl_per_dim']:.4f}, "
-          f"scaling factor {info['scaling_factor']:.4f} -> {cfg.vae_export_uri()}")
+          f"scaling factor {info['scaling_factor']:.4f} -> {paths.vae_export(cfg)}")
     return info
 
 
 def vae_is_exported(cfg) -> bool:
-    return storage.is_committed(cfg.vae_export_uri())
+    return storage.is_committed(paths.vae_export(cfg))

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from pipeline import config, storage
+from pipeline import config, paths, storage
 from pipeline.dev import chaos
 from pipeline.dev.cluster import LocalCluster
 
@@ -74,7 +74,7 @@ def test_reference_run_spreads_over_both_nodes(data, two_nodes) -> None:
     # Encode's two actors: one on each node (which of them encodes more shards is up to Ray Data: the
     # first actor up may take every shard of a tiny dataset before the second is ready).
     assert two_nodes.actor_hosts("EncodeShard") == ["127.0.0.2", "127.0.0.3"]
-    nodes = load_manifest(cfg.latents_uri())["splits"]["train"]["nodes"]
+    nodes = load_manifest(paths.latents(cfg))["splits"]["train"]["nodes"]
     assert set(nodes) <= {"127.0.0.2", "127.0.0.3"} and sum(nodes.values()) == 8, nodes
     (start,) = chaos.attempts(cfg)
     assert sorted(start["nodes"]) == ["127.0.0.2", "127.0.0.3"]  # one worker per node
@@ -130,7 +130,7 @@ def test_training_survives_a_lost_worker_then_a_lost_node(data, two_nodes) -> No
     assert len(starts) == 3 and len({s["fit"] for s in starts}) == 1, starts  # restarted twice within one fit
     assert "'restarts': 2" in out  # and fit() says so
     _assert_same_as_straight(data, cfg)
-    result = storage.read_json(storage.join(cfg.outputs_uri(), "denoiser_result.json"))
+    result = storage.read_json(storage.join(paths.outputs(cfg), "denoiser_result.json"))
     assert result["step"] == STEPS and result["resumed_from"] == starts[-1]["resumed_from"]
 
 

@@ -24,7 +24,7 @@ import uuid
 import numpy as np
 import pytest
 
-from pipeline import config, storage
+from pipeline import config, paths, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -65,7 +65,7 @@ def chain(s3, ray_cluster):
     data = DATA + [f"data.input_uri={root}/raw"]
     cfg = config.load(TINY, [f"run.storage={root}/clean", *data, *TRAIN])
     counts = ingest(cfg)
-    storage.write_bytes(storage.join(cfg.raw_uri(), "train", "00099.tar"), _bad_shard())
+    storage.write_bytes(storage.join(paths.raw(cfg), "train", "00099.tar"), _bad_shard())
     manifest = encode(cfg)
     _train_checkpoint(cfg, manifest)
     return {"root": root, "data": data, "cfg": cfg, "counts": counts, "manifest": manifest}
@@ -83,14 +83,14 @@ def _train_checkpoint(cfg, manifest: dict) -> None:
     from pipeline.train.loop import latest_local_checkpoint, train_locally
     from pipeline.train.trainer import latest_checkpoint_uri, run_uri
 
-    table = read_latents(cfg.latents_uri(), "train", ["key", "latent", "text_emb", "text_mask"])
+    table = read_latents(paths.latents(cfg), "train", ["key", "latent", "text_emb", "text_mask"])
 
     def column(name, dtype, shape=None):
         return torch.tensor(np.stack([np.asarray(v, dtype).reshape(shape or -1) for v in table.column(name).to_pylist()]))
 
     data = {"key": table.column("key").to_pylist(), "latent": column("latent", np.float32, manifest["latent_shape"]),
             "text_emb": column("text_emb", np.float32, manifest["text_shape"]), "text_mask": column("text_mask", np.int64)}
-    null_emb, null_mask = (torch.tensor(a) for a in load_null_text(cfg.latents_uri()))
+    null_emb, null_mask = (torch.tensor(a) for a in load_null_text(paths.latents(cfg)))
     with tempfile.TemporaryDirectory() as tmp:
         train_locally(cfg, manifest, null_emb, null_mask, data, tmp)
         checkpoint_store.save_to_storage(latest_local_checkpoint(tmp), run_uri(cfg), cfg.train.steps, cfg.train.num_to_keep)
@@ -174,7 +174,7 @@ def test_killed_encode_loses_only_in_flight_shards(chain, ray_cluster, tmp_path)
     clean_cfg = chain["cfg"]
     overrides = [f"run.storage={chain['root']}/killed", *chain["data"]]
     cfg = config.load(TINY, overrides)
-    out, clean = cfg.latents_uri(), clean_cfg.latents_uri()
+    out, clean = paths.latents(cfg), paths.latents(clean_cfg)
     assert out != clean and out.rsplit("/", 1)[-1] == clean.rsplit("/", 1)[-1]  # same config, another prefix
     n_shards = chain["manifest"]["n_shards"]
     assert n_shards == 25 and chain["manifest"]["reused_shards"] == 0
@@ -228,7 +228,7 @@ def test_killed_generate_resumes_by_image_index(chain, ray_cluster, tmp_path):
 
     overrides = [f"run.storage={chain['root']}/clean", *chain["data"], *TRAIN, *GENERATE]
     cfg = config.load(TINY, overrides)
-    out = storage.join(cfg.outputs_uri(), "generate")
+    out = storage.join(paths.outputs(cfg), "generate")
     clean = generate_job_run(cfg, report=False)
     assert clean["batches"] == 12 and clean["reused_batches"] == 0
     want = _hashes(out, ["images"])
@@ -282,8 +282,8 @@ def test_a_corrupted_done_shard_is_encoded_again(tmp_path, capsys):
                              "data.shard_size=2"])
     ingest(cfg)
     shard = list_split_shards(cfg, "train")[0]
-    enc = EncodeShard(cfg.to_dict(), cfg.latents_uri(), _driver_encoder_id(cfg))
-    names = {k: os.path.join(cfg.latents_uri(), v) for k, v in output_names("train", shard).items()}
+    enc = EncodeShard(cfg.to_dict(), paths.latents(cfg), _driver_encoder_id(cfg))
+    names = {k: os.path.join(paths.latents(cfg), v) for k, v in output_names("train", shard).items()}
     row = {"split": ["train"], "shard": [shard]}
 
     first = enc(row)

@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 import pytest
 
-from pipeline import config, storage
+from pipeline import config, paths, storage
 from tests.faults.s3_proxy import FaultProxy, Rule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -292,7 +292,7 @@ def clean_run(s3, ray_cluster):
     ingest(cfg)
     _store_a_checkpoint(cfg, encode(cfg))
     generate_run(cfg, report=False)
-    return cfg, {"latents": _outputs(cfg.latents_uri()), "generate": _outputs(storage.join(cfg.outputs_uri(), "generate"))}
+    return cfg, {"latents": _outputs(paths.latents(cfg)), "generate": _outputs(storage.join(paths.outputs(cfg), "generate"))}
 
 
 def test_encode_and_generate_through_faults_match_a_clean_run(s3, ray_cluster, clean_run, proxy, tmp_path) -> None:
@@ -301,7 +301,7 @@ def test_encode_and_generate_through_faults_match_a_clean_run(s3, ray_cluster, c
     through 503s and resets: the latents, the PNGs and everything else they write are the clean
     run's, byte for byte."""
     cfg, reference = clean_run
-    uris = {"latents": cfg.latents_uri(), "generate": storage.join(cfg.outputs_uri(), "generate")}
+    uris = {"latents": paths.latents(cfg), "generate": storage.join(paths.outputs(cfg), "generate")}
     for uri in uris.values():
         storage.rm(uri)  # (straight to SeaweedFS): nothing of the clean run is left to be reused
     proxy.set_rules(WORKER_FAULTS + FLAKY)
