@@ -24,7 +24,7 @@ import numpy as np
 from pipeline import paths, storage
 from pipeline.data import schema
 from pipeline.data.decode import check_record, clean_caption
-from pipeline.devices import resolve_use_gpu
+from pipeline.devices import resolve_use_gpu, start_whole_pool
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ def encode_shards(cfg, shards: dict[str, list[str]], out_uri: str, enc_id: str, 
         num_gpus=1 if use_gpu else 0,
         batch_format="numpy",
     )
+    start_whole_pool(ds)  # every actor up first: the pool spreads over the nodes even for a few shards
     records: dict[str, dict[str, dict]] = {split: {} for split in shards}
     for row in ds.iter_rows():
         split, shard, rec = str(row["split"]), str(row["shard"]), json.loads(str(row["record"]))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import diffusion, paths, storage
-from pipeline.devices import resolve_use_gpu
+from pipeline.devices import resolve_use_gpu, start_whole_pool
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,7 @@ def _run_jobs(cfg, manifest: dict, checkpoint_uri: str, jobs: list[dict], fn, **
             batch_size=1, concurrency=g.num_actors, num_gpus=1 if resolve_use_gpu(g.use_gpu) else 0,
             batch_format="numpy",
         )
+        start_whole_pool(ds)
     else:
         ds = ds.map_batches(fn, batch_size=16, batch_format="numpy", **kwargs)
     return ds.take_all()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import paths, storage
-from pipeline.devices import resolve_use_gpu
+from pipeline.devices import resolve_use_gpu, start_whole_pool
 from pipeline.eval import fid
 
 REFERENCE = "reference"  # the set name of the reference images' chunks
@@ -148,6 +148,7 @@ def score_chunks(cfg, chunks: list[dict], classify: bool = False, nearest_images
                         batch_size=1, concurrency=cfg.fid.num_actors,
                         num_gpus=1 if resolve_use_gpu(cfg.fid.use_gpu) else 0, batch_format="numpy")
     ds.context.execution_options.preserve_order = True  # merge order fixed: the same bits on every run
+    start_whole_pool(ds)
     merged: dict[str, dict] = {}
     for row in ds.iter_rows():  # one row per chunk, in chunk order: 32 MB of moments each, then dropped
         part = _as_partial(row)

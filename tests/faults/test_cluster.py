@@ -71,8 +71,9 @@ def test_reference_run_spreads_over_both_nodes(data, two_nodes) -> None:
     cfg = data["cfg"]
     from pipeline.data.encode import load_manifest
 
-    # Encode's two actors: one on each node (which of them encodes more shards is up to Ray Data: the
-    # first actor up may take every shard of a tiny dataset before the second is ready).
+    # Encode's two actors: one on each node. The pool starts both before giving out shards
+    # (devices.start_whole_pool); before that, the first actor up could take every shard of this tiny
+    # dataset while the second was still starting, and never be placed at all (seen: ['127.0.0.3', '?']).
     assert two_nodes.actor_hosts("EncodeShard") == ["127.0.0.2", "127.0.0.3"]
     nodes = load_manifest(paths.latents(cfg))["splits"]["train"]["nodes"]
     assert set(nodes) <= {"127.0.0.2", "127.0.0.3"} and sum(nodes.values()) == 8, nodes
