@@ -7,8 +7,8 @@ interleaved on the same images.
 
 Starts its own S3 server and Ray head under RUN_DIR (this process is the driver), ingests and encodes
 configs/tiny.yaml's data, trains 2 steps (the images need weights, not quality), then for each count
-runs the generate job's evaluation (FID on, ddim 2 steps, guidance 1) as its own run name while a
-thread samples this process's RSS every 50 ms. On CPU the Inception network dominates: about 3
+runs the generate job's evaluation (FID on, ddim 2 steps, guidance 1; a new count makes its images
+anew) while a thread samples this process's RSS every 50 ms. On CPU the Inception network dominates: about 3
 images/s per actor on one core, so 4,096 images take about 20 minutes per actor.
 """
 
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
         encode(cfg)
         fit(cfg)
         for n in counts:
-            run_cfg = config.load(TINY, base + [f"generate.num_images={n}", f"run.name=scale-{n}"])
+            run_cfg = config.load(TINY, base + [f"generate.num_images={n}"])  # another count: made anew
             t0 = time.time()
             with PeakRSS() as rss:
                 out = generate_and_evaluate(run_cfg, report=False)
@@ -88,10 +88,10 @@ def main(argv=None) -> dict:
                            "driver_peak_rss_mb": round(rss.peak / 2**20), "seconds": round(time.time() - t0, 1),
                            "fid": round(out["fid"]["fid"], 3)})
             print(f"eval_scale: {memory[-1]}", flush=True)
-        largest = max(counts)
-        out_uri = paths.outputs(config.load(TINY, base + [f"run.name=scale-{largest}"])) + "/generate"
-        n = min(args.score_images, largest)
-        chunks = scoring.image_chunks("bench", out_uri, ["-"] * n, cfg.fid.chunk_images // 4, cfg.generate.batch_size)
+        out_uri = paths.outputs(cfg) + "/generate"  # the last evaluation's images
+        n = min(args.score_images, counts[-1])
+        # One generate batch (64 images) per chunk: enough chunks to keep two actors busy.
+        chunks = scoring.image_chunks("bench", out_uri, ["-"] * n, cfg.generate.batch_size, cfg.generate.batch_size)
         for actors in (int(a) for a in args.actors.split(",")):
             score_cfg = config.load(TINY, base + [f"fid.num_actors={actors}"])
             t0 = time.time()
