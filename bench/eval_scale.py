@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import uuid
-from pipeline import paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,7 +57,7 @@ class PeakRSS:
 
 def main(argv=None) -> dict:
     from jobs.demo import local_driver
-    from pipeline import cli, config
+    from pipeline import cli, config, paths
     from pipeline.data.encode import encode
     from pipeline.data.ingest import ingest
     from pipeline.eval import scoring

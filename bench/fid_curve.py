@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from pipeline import paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,7 +31,7 @@ def _args(p) -> None:
 
 def main(argv=None) -> list[dict]:
     from jobs.demo import local_driver
-    from pipeline import cli
+    from pipeline import cli, paths
     from pipeline.data.encode import load_manifest
     from pipeline.eval import scoring
     from pipeline.eval.generate import generate

@@ -91,3 +91,36 @@ def test_reference_limit_and_cache_hit_reads_no_shard(fixed, monkeypatch):
     hit, hit_uri, _ = scoring.cached_reference(cfg)
     assert hit is not None and hit_uri == uri and np.array_equal(hit.sigma, ref.sigma)
     assert [u for u in reads if not u.startswith(uri)] == []  # no shard was read
+
+
+# ---------------------------------------------------------------------- cheap checks, no Ray cluster
+
+
+def test_a_shard_of_rejects_only_adds_nothing(tmp_path):
+    """A reference shard whose every record is rejected scores as zero images, not a crash."""
+    import json
+
+    from pipeline import paths
+
+    cfg = config.load(TINY, [f"run.storage={tmp_path}", "vae.source=random"])
+    uri = storage.join(paths.raw(cfg), "test", "00000.tar")
+    storage.write_bytes(uri, build_tar([("bad", b"not an image", "a broken one", "png", {})]))
+    row = scoring.ImageScorer(cfg.to_dict(), classify=False, nearest_images=0)(
+        {"job": [json.dumps({"set": scoring.REFERENCE, "kind": "shard", "uri": uri, "take": -1, "chunk": 0})]})
+    assert row["count"] == [0] and row["images"] == [0] and not row["total"].any()
+
+
+def test_set_and_sweep_names_never_collide():
+    from pipeline.eval.generate import ImageSet, generate_sets
+    from pipeline.eval.run import sweep_names
+
+    cfg = config.load(TINY, ["eval.sweep_images=2", "eval.sweep_guidance=[1.2345671, 1.2345674, 2]",
+                             "eval.sweep_samplers=[ddim:4]", "generate.sampler=ddim", "generate.steps=4"])
+    names = sweep_names(cfg)  # ddim:4 at guidance 2 is in both sweeps: one folder
+    assert len(names) == 3 and len(set(names.values())) == 3, names
+    assert names[("ddim", 4, 2.0)] == "sweep-ddim4-g2"
+    twice = [ImageSet.of(cfg, "same", ["a"]), ImageSet.of(cfg, "same", ["b"])]
+    with pytest.raises(ValueError, match="must differ"):
+        generate_sets(cfg, {}, "unused", twice)
+    with pytest.raises(ValueError, match="reference"):
+        scoring.image_chunks(scoring.REFERENCE, "out", ["a"], 4, 2)

@@ -221,6 +221,9 @@ def generate_sets(cfg, manifest: dict, checkpoint_uri: str, sets: list[ImageSet]
     counts, timing, latent spread, URIs; the images stay in storage."""
     from pipeline.eval import batches
 
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"generate: image set names must differ (each is a folder): {names}")
     t0 = time.perf_counter()
     plans, jobs, checks = {}, [], []
     for s in sets:

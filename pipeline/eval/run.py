@@ -2,11 +2,14 @@
 
 1. every image set (the configured samples, the training-prompt samples, one per sweep setting)
    through one generator actor pool (pipeline/eval/generate.py): PNGs written by the actors;
-2. every set's images (and, on a cache miss, the test split's) through one scoring actor pool
-   (pipeline/eval/scoring.py): FID moments, prompt-classifier and nearest-match counts, merged;
-3. the variational bound as a Ray task, beside pass 1.
+2. every set's images that a metric needs (and, on a cache miss, the test split's) through one
+   scoring actor pool (pipeline/eval/scoring.py): FID moments, prompt-classifier and nearest-match
+   counts, merged; nothing at all when no metric is on;
+3. the variational bound as a Ray task, after the pools (not beside them: a pool waits for all its
+   actors, and the bound's CPU or GPU could hold one back).
 
-The driver holds settings, counts and statistics, never the images (a report grid reads 48 back).
+The driver holds settings, prompts, counts and statistics, never the images (a report grid reads 48
+back).
 Writes `<outputs>/generate/{fid,eval}.json` and, as configured, the report.
 """
 
@@ -40,8 +43,16 @@ def sweep_settings(cfg) -> list[tuple[str, str, int, float]]:
     return rows
 
 
-def sweep_name(sampler: str, steps: int, scale: float) -> str:
-    return f"sweep-{sampler}{steps}-g{scale:g}"
+def sweep_names(cfg) -> dict[tuple[str, int, float], str]:
+    """An output folder per distinct (sampler, steps, guidance) of the sweeps; `g` shortened (`:g`)
+    unless that would give two settings one name."""
+    names: dict[tuple[str, int, float], str] = {}
+    for _, sampler, steps, scale in sweep_settings(cfg):
+        key = (sampler, steps, float(scale))
+        if key not in names:
+            name = f"sweep-{sampler}{steps}-g{scale:g}"
+            names[key] = name if name not in names.values() else f"sweep-{sampler}{steps}-g{scale!r}"
+    return names
 
 
 def image_sets(cfg, latents_uri: str) -> list[ImageSet]:
@@ -58,13 +69,9 @@ def image_sets(cfg, latents_uri: str) -> list[ImageSet]:
         pick = np.linspace(0, len(captions) - 1, min(n, len(captions))).round().astype(int)
         sets.append(ImageSet.of(cfg, SEEN, [captions[i] for i in pick], prompts="train", num_images=n))
     if cfg.eval.sweep_images:
-        names = {s.name for s in sets}
-        for _, sampler, steps, scale in sweep_settings(cfg):
-            name = sweep_name(sampler, steps, scale)
-            if name not in names:
-                names.add(name)
-                sets.append(ImageSet.of(cfg, name, prompts, sampler=sampler, steps=steps, guidance_scale=scale,
-                                        num_images=cfg.eval.sweep_images))
+        for (sampler, steps, scale), name in sweep_names(cfg).items():
+            sets.append(ImageSet.of(cfg, name, prompts, sampler=sampler, steps=steps, guidance_scale=scale,
+                                    num_images=cfg.eval.sweep_images))
     return sets
 
 
@@ -82,27 +89,28 @@ def run(cfg, report: bool = True) -> dict:
     if checkpoint is None:
         raise SystemExit(f"no complete checkpoint for run {cfg.run.name!r}: run `python -m jobs.train` first")
     ev: dict = {}
-    bound = None
-    if cfg.eval.vlb_latents:  # beside generation: a CPU or GPU of its own
-        bound = ray.remote(num_cpus=1, num_gpus=1 if resolve_use_gpu(cfg.generate.use_gpu) else 0)(
-            variational_bound).remote(cfg, manifest, checkpoint)
     sets = image_sets(cfg, latents_uri)
     gens = generate_sets(cfg, manifest, checkpoint, sets)
     out = gens[MAIN]
 
     # ---- one scoring pass over every set (and the reference on a cache miss)
-    ref, ref_uri, ref_identity = scoring.cached_reference(cfg) if (cfg.fid.enabled or cfg.eval.sweep_images) else (None, None, None)
+    needs_ref = cfg.fid.enabled or cfg.eval.sweep_images
+    ref, ref_uri, ref_identity = scoring.cached_reference(cfg) if needs_ref else (None, None, None)
     clf_info = None
     if scoring.has_classifier(cfg):
         # Trained (or found cached) once, in a Ray task, before the actors load it.
         clf_info = ray.get(ray.remote(num_cpus=1)(_classifier_info).remote(cfg))
     chunks = [] if ref is not None or ref_uri is None else scoring.reference_chunks(cfg, "test", cfg.fid.n_ref)
-    for s in sets:
-        chunks += scoring.image_chunks(s.name, gens[s.name]["uri"], list(s.prompts), cfg.fid.chunk_images,
-                                       s.settings.batch_size, features=s.name != SEEN)  # no FID of those
+    classify, nearest = clf_info is not None, bool(cfg.eval.nearest_match_images)
+    for s in sets:  # what each set is scored for: (FID features, classifier, nearest match)
+        wants = {MAIN: (cfg.fid.enabled, classify, nearest), SEEN: (False, False, nearest)}.get(
+            s.name, (True, classify, False))  # a sweep setting
+        if any(wants):
+            chunks += scoring.image_chunks(s.name, gens[s.name]["uri"], list(s.prompts), cfg.fid.chunk_images,
+                                           s.settings.batch_size, *wants)
     t0 = time.time()
-    scores = scoring.score_chunks(cfg, chunks, classify=clf_info is not None,
-                                  nearest_images=cfg.eval.nearest_match_images)
+    scores = scoring.score_chunks(cfg, chunks, classify=classify, nearest_images=cfg.eval.nearest_match_images) \
+        if chunks else {}
     if ref is None and ref_uri is not None:
         ref = scoring.store_reference(scores.pop(scoring.REFERENCE), ref_uri, ref_identity)
 
@@ -117,12 +125,14 @@ def run(cfg, report: bool = True) -> dict:
         if main.count < 2048 or ref.count < 2048:
             out["fid"]["note"] = FEW_IMAGES_NOTE
         storage.write_json(storage.join(paths.outputs(cfg), MAIN, "fid.json"), out["fid"])
-        print(f"fid: {out['fid']['fid']:.2f} ({main.count} generated vs {ref.count} test images) -> "
-              f"{out['uri']}/fid.json")
+        value = out["fid"]["fid"]
+        print(f"fid: {'n/a (fewer than 2 images)' if value is None else f'{value:.2f}'} ({main.count} generated vs "
+              f"{ref.count} test images) -> {out['uri']}/fid.json")
 
     # ---- the rest of eval.json
-    if bound is not None:
-        ev["vlb"] = ray.get(bound)
+    if cfg.eval.vlb_latents:  # a Ray task (a GPU when generate.use_gpu gives one), after the pools are done
+        gpus = 1 if resolve_use_gpu(cfg.generate.use_gpu) else 0
+        ev["vlb"] = ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(variational_bound).remote(cfg, manifest, checkpoint))
         print(f"eval: variational bound {ev['vlb']['bits_per_dim']} bits/dim")
     if clf_info is not None:
         ev["classifier"] = clf_info
@@ -165,9 +175,9 @@ def _classifier_info(cfg) -> dict | None:
 
 def _sweep_rows(cfg, gens: dict, scores: dict, ref, classify: bool) -> list[dict]:
     """One table row per sweep setting; a setting in both sweeps is generated once, reported twice."""
-    rows, done = [], {}
+    rows, done, names = [], {}, sweep_names(cfg)
     for kind, sampler, steps, scale in sweep_settings(cfg):
-        name = sweep_name(sampler, steps, scale)
+        name = names[(sampler, steps, float(scale))]
         if name in done:
             rows.append({**done[name], "sweep": kind, "reused": True})
             continue

@@ -63,16 +63,17 @@ def build_report(cfg, gen: dict, stages: dict | None = None, out_uris: tuple[str
     sections.append({"heading": "Samples", "text": f"{len(pick)} of the {gen['n']} generated images, one per "
                      f"distinct prompt where there are enough, spread over the run, each under its prompt{held_out}; "
                      "seed derived from its index.",
-                     "images": [("samples", rp.captioned_grid(read_images(gen["uri"], pick), [gen["prompts"][i] for i in pick],
-                                                              ncols=8, scale=2), "generated images and their prompts")]})
+                     "images": [("samples", rp.captioned_grid(read_images(gen["uri"], pick),
+                                                              [gen["prompts"][i] for i in pick], ncols=8, scale=2),
+                                 "generated images and their prompts")]})
     seen = gen.get("seen_prompts")
     if seen:
+        seen_grid = rp.captioned_grid(read_images(seen["uri"], range(min(48, seen["n"]))), seen["prompts"][:48],
+                                      ncols=8, scale=2)
         sections.append({"heading": "Samples for training prompts",
                          "text": f"{seen['n']} images from training captions spread over the train split: prompts "
                                  "the denoiser saw, so these show what it learnt rather than how it generalises.",
-                         "images": [("samples_seen_prompts", rp.captioned_grid(read_images(seen["uri"], range(min(48, seen["n"]))), seen["prompts"][:48],
-                                                                               ncols=8, scale=2),
-                                     "generated images for training captions")]})
+                         "images": [("samples_seen_prompts", seen_grid, "generated images for training captions")]})
     recon = _reconstructions(cfg)
     if recon is not None:
         sections.append({"heading": "VAE reconstructions", "text": "Test images (top rows) and their reconstructions.",

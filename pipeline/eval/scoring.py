@@ -87,8 +87,7 @@ class ImageScorer:
         from pipeline.data.readers import split_records
 
         self.cfg = cfg = from_dict(cfg_dict)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        fid.load_inception(self.device)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # Inception loads on first use
         self.classifier = prompt_classifier(cfg)[0] if classify else None  # trained (cached) before the pool
         self.nearest = NearestMatch(*split_records(cfg, "train", nearest_images)) if nearest_images else None
         self.near_ref = len(self.nearest.captions) if self.nearest else 0
@@ -99,6 +98,9 @@ class ImageScorer:
 
             records = list(shard_records(storage.read_bytes(job["uri"]), job["uri"], self.cfg.data))
             records = records[: job["take"]] if job["take"] >= 0 else records
+            if not records:  # a shard of rejects only: nothing to add
+                size = self.cfg.data.image_size
+                return np.zeros((0, size, size, 3), np.uint8), None
             return np.stack([image for _, image, _ in records]), None
         from pipeline.eval.generate import read_images
 
@@ -113,14 +115,14 @@ class ImageScorer:
         m = (fid.FeatureMoments.of(fid.inception_features(images, self.cfg.fid.batch_size, self.device))
              if job.get("features", True) else fid.FeatureMoments.zero())
         part = Partial(m)
-        if prompts is not None and self.classifier is not None:
+        if prompts is not None and self.classifier is not None and job.get("classify", True):
             asked = [clf.label_from_prompt(p) for p in prompts]
             idx = [i for i, a in enumerate(asked) if a is not None]
             if idx:
                 pred = clf.predict(self.classifier, images[idx])
                 np.add.at(part.confusion, (np.array([asked[i] for i in idx]), pred), 1)
             part.unlabelled = len(prompts) - len(idx)
-        if prompts is not None and self.nearest is not None:
+        if prompts is not None and self.nearest is not None and job.get("nearest", True):
             part.near_n, part.near_hits, part.near_chance = self.nearest.score(images, prompts)
         dt = time.perf_counter() - t0
         return {"set": [job["set"]], "chunk": [job["chunk"]], "count": [m.count], "total": m.total[None],
@@ -163,12 +165,15 @@ def score_chunks(cfg, chunks: list[dict], classify: bool = False, nearest_images
 
 
 def image_chunks(set_name: str, out: str, prompts: list[str], chunk_images: int, batch_size: int,
-                 features: bool = True) -> list[dict]:
-    """A generate output's images as chunks of about chunk_images (whole generate batches);
-    features=False: no Inception (the classifier and nearest-match counts only)."""
+                 features: bool = True, classify: bool = True, nearest: bool = True) -> list[dict]:
+    """A generate output's images as chunks of about chunk_images (whole generate batches), each
+    saying which metrics it wants: Inception features, the classifier, the nearest-match search."""
+    if set_name == REFERENCE:
+        raise ValueError(f"{REFERENCE!r} names the reference set's chunks: choose another set name")
     step = max(batch_size, chunk_images // batch_size * batch_size)
     return [{"set": set_name, "kind": "pngs", "out": out, "start": a, "stop": min(a + step, len(prompts)),
-             "prompts": prompts[a:a + step], "features": features} for a in range(0, len(prompts), step)]
+             "prompts": prompts[a:a + step], "features": features, "classify": classify, "nearest": nearest}
+            for a in range(0, len(prompts), step)]
 
 
 def _count_usable(rows: dict) -> dict:
