@@ -196,23 +196,28 @@ def read_images(out: str, indices) -> np.ndarray:
         return np.stack(list(pool.map(one, [int(i) for i in indices])))
 
 
-def _run_jobs(cfg, manifest: dict, checkpoint_uri: str, jobs: list[dict], fn, **kwargs) -> list[dict]:
-    """`jobs` (one JSON row each) through `fn` (a Ray task function, or BatchGenerator's actor pool)."""
+def _job_rows(jobs: list[dict]):
+    """A Ray dataset of one JSON row per job, one block each (so the rows spread over the workers)."""
     import ray
 
-    ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs], override_num_blocks=len(jobs))
-    if fn is BatchGenerator:
-        g = cfg.generate
-        ds = ds.map_batches(
-            BatchGenerator,
-            fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "manifest": manifest, "checkpoint_uri": checkpoint_uri},
-            batch_size=1, concurrency=g.num_actors, num_gpus=1 if resolve_use_gpu(g.use_gpu) else 0,
-            batch_format="numpy",
-        )
-        start_whole_pool(ds)
-    else:
-        ds = ds.map_batches(fn, batch_size=16, batch_format="numpy", **kwargs)
-    return ds.take_all()
+    return ray.data.from_items([{"job": json.dumps(j)} for j in jobs], override_num_blocks=len(jobs))
+
+
+def _verify(jobs: list[dict]) -> list[dict]:
+    """Earlier batches checked by Ray tasks (every PNG read and hashed), not on the driver."""
+    return _job_rows(jobs).map_batches(_verify_rows, batch_size=16, batch_format="numpy").take_all()
+
+
+def _generate(cfg, manifest: dict, checkpoint_uri: str, jobs: list[dict]) -> list[dict]:
+    """The batches through one BatchGenerator pool, every actor started before work is given out."""
+    g = cfg.generate
+    ds = _job_rows(jobs).map_batches(
+        BatchGenerator,
+        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "manifest": manifest, "checkpoint_uri": checkpoint_uri},
+        batch_size=1, concurrency=g.num_actors, num_gpus=1 if resolve_use_gpu(g.use_gpu) else 0,
+        batch_format="numpy",
+    )
+    return start_whole_pool(ds).take_all()
 
 
 def generate_sets(cfg, manifest: dict, checkpoint_uri: str, sets: list[ImageSet]) -> dict[str, dict]:
@@ -240,7 +245,7 @@ def generate_sets(cfg, manifest: dict, checkpoint_uri: str, sets: list[ImageSet]
                    "guidance_scale": float(g.guidance_scale), "image_size": cfg.data.image_size}
             (checks if may_keep else jobs).append(job)
     if checks:  # earlier batches: verified by Ray tasks (every PNG read and hashed), not on the driver
-        for row in _run_jobs(cfg, manifest, checkpoint_uri, checks, _verify_rows):
+        for row in _verify(checks):
             job = json.loads(str(row["job"]))
             if row["kept"]:
                 plan = plans[job["set"]]
@@ -250,7 +255,7 @@ def generate_sets(cfg, manifest: dict, checkpoint_uri: str, sets: list[ImageSet]
                 jobs.append(job)
     t_gen = time.perf_counter()
     if jobs:
-        for row in _run_jobs(cfg, manifest, checkpoint_uri, jobs, BatchGenerator):
+        for row in _generate(cfg, manifest, checkpoint_uri, jobs):
             plan = plans[str(row["set"])]
             plan["latent_std"][int(row["batch"])] = std = json.loads(str(row["latent_std"]))
             plan["seconds"] += float(row["seconds"])
