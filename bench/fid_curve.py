@@ -32,7 +32,7 @@ def _args(p) -> None:
 def main(argv=None) -> list[dict]:
     from jobs.demo import local_driver
     from pipeline import cli, paths
-    from pipeline.data.encode import load_manifest
+    from pipeline.data.latents import load_manifest
     from pipeline.eval import scoring
     from pipeline.eval.generate import generate
     from pipeline.eval.fid import fid_of_moments

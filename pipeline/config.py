@@ -196,14 +196,17 @@ class EncodeSection:
 
 @dataclass
 class ScheduleSection:
+    """The training noise schedule, the one schedule config: training, sampling and the bound all read
+    it (pipeline.diffusion), so sampling always uses the schedule the model was trained with."""
+
     num_train_timesteps: int = field(default=1000, metadata=_at_least(2))
-    """T, the number of diffusion steps."""
+    """T, the number of discrete diffusion steps the model is trained on (t = 0 .. T-1)."""
     beta_schedule: str = field(default="linear", metadata=_choices("linear", "scaled_linear", "squaredcos_cap_v2"))
-    """Noise schedule (DDPM: linear)."""
+    """How beta_t varies with t, by diffusers name: linear (Ho et al.), scaled_linear (Stable Diffusion: linspace(sqrt(beta_start), sqrt(beta_end))^2) or squaredcos_cap_v2 (the Nichol & Dhariwal cosine schedule; ignores beta_start and beta_end)."""
     beta_start: float = field(default=1e-4, metadata=_between(0, 1, lo_open=True, hi_open=True))
-    """beta_1."""
+    """beta at the first step (linear, scaled_linear)."""
     beta_end: float = field(default=0.02, metadata=_between(0, 1, lo_open=True, hi_open=True))
-    """beta_T."""
+    """beta at the last step (linear, scaled_linear); at least beta_start."""
 
 
 @dataclass
@@ -499,6 +502,15 @@ def check_fields(cfg: Config) -> None:
             _check_value(f"{sec.name}.{f.name}", getattr(section, f.name), f.metadata)
 
 
+def check_schedule(s: ScheduleSection) -> None:
+    """The schedule's fields and beta_start <= beta_end. Also run by the diffusion math on whatever
+    section it is handed, so a schedule built in code gets the same errors as one from YAML."""
+    for f in dataclasses.fields(s):
+        _check_value(f"schedule.{f.name}", getattr(s, f.name), f.metadata)
+    if s.beta_schedule != "squaredcos_cap_v2" and s.beta_start > s.beta_end:  # the cosine schedule ignores both
+        raise ConfigError(f"schedule.beta_start ({s.beta_start}) must be <= schedule.beta_end ({s.beta_end})")
+
+
 def validate(cfg: Config) -> None:
     """Each field's own constraint (check_fields), then the cross-field checks a dataclass can't express."""
     check_fields(cfg)
@@ -512,9 +524,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("vae.pretrained: required when vae.source is 'pretrained' (a path, s3:// URI or hub id)")
     if cfg.vae.pretrained and cfg.vae.source != "pretrained":
         raise ConfigError(f"vae.pretrained is set but vae.source is {cfg.vae.source!r}; set vae.source: pretrained")
+    check_schedule(cfg.schedule)
     s = cfg.schedule
-    if s.beta_schedule != "squaredcos_cap_v2" and s.beta_start > s.beta_end:  # the cosine schedule ignores both
-        raise ConfigError(f"schedule.beta_start ({s.beta_start}) must be <= schedule.beta_end ({s.beta_end})")
     if cfg.generate.steps > s.num_train_timesteps:
         raise ConfigError(
             f"generate.steps ({cfg.generate.steps}) must be <= schedule.num_train_timesteps ({s.num_train_timesteps})"

@@ -35,6 +35,16 @@ def checkpoints(cfg) -> str:
     return storage.join(cfg.run.storage, "checkpoints")
 
 
+def denoiser_run(cfg) -> str:
+    """The denoiser's checkpoint folders (Ray Train's experiment folder): <checkpoints>/<run.name>/."""
+    return storage.join(checkpoints(cfg), cfg.run.name)
+
+
+def vae_run(cfg) -> str:
+    """The autoencoder's checkpoint folders: <checkpoints>/<run.name>-vae/."""
+    return storage.join(checkpoints(cfg), f"{cfg.run.name}-vae")
+
+
 def outputs(cfg) -> str:
     """A run's outputs: generate folders, metrics, sample records, the report."""
     return storage.join(cfg.run.storage, "outputs", cfg.run.name)

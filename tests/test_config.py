@@ -234,7 +234,7 @@ def test_range_bounds_themselves_pass_the_field_checks():
         ("run.name=a/b", "run.name: 'a/b' is not allowed; use letters, digits"),
         ("run.name=..", "run.name: '..' is not allowed"),
         ("run.name=../other", "run.name: '../other' is not allowed"),
-        # diffusion.ScheduleConfig needs T >= 2; named before the generate.steps <= T comparison
+        # the diffusion math needs T >= 2; named before the generate.steps <= T comparison
         ("schedule.num_train_timesteps=0", "schedule.num_train_timesteps: must be >= 2, got 0"),
         ("schedule.num_train_timesteps=1", "schedule.num_train_timesteps: must be >= 2, got 1"),
         ("schedule.beta_end=1.0", "schedule.beta_end: must be in (0, 1), got 1.0"),
@@ -278,7 +278,7 @@ def test_cross_field_checks_name_both_keys(overrides, must_mention):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["schedule.beta_start=0.01", "schedule.beta_end=0.01"],  # constant betas: diffusion.ScheduleConfig accepts them
+        ["schedule.beta_start=0.01", "schedule.beta_end=0.01"],  # constant betas are allowed
         ["schedule.beta_schedule=squaredcos_cap_v2", "schedule.beta_start=0.9", "schedule.beta_end=0.5"],  # ignored
         ["data.image_size=17", "vae.source=pretrained", "vae.pretrained=some/vae"],  # factor unknown until loaded
         ["text_encoder.pretrained=some/t5", "text_encoder.num_heads=64"],  # the tiny T5's sizes are unused

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from pipeline import diffusion as D
-from pipeline.diffusion import ScheduleConfig
+from pipeline.config import ScheduleSection as ScheduleConfig
 
 # diffusers' DPMSolverMultistepScheduler.set_timesteps calls np.array on a tensor (numpy 2 deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -137,13 +137,21 @@ def test_unknown_sampler_names_allowed_values():
         assert "euler" in msg and all(name in msg for name in ("ddpm", "ddim", "dpm")), msg
 
 
-def test_schedule_config_validation():
-    with pytest.raises(ValueError, match="linear"):
-        ScheduleConfig(beta_schedule="quadratic")
-    with pytest.raises(ValueError):
-        ScheduleConfig(beta_start=0.02, beta_end=1e-4)
-    with pytest.raises(ValueError):
-        ScheduleConfig(num_train_timesteps=1)
+def test_a_bad_schedule_gets_the_configs_error_from_every_entry_point():
+    """The schedule is the config's section; the math checks a hand-built one the way the config does."""
+    entry_points = [
+        lambda s: D.schedule_tables(s),
+        lambda s: D.make_scheduler("ddpm", s),
+        lambda s: D.sample(lambda x, t: x, (1, 2), steps=1, schedule=s),
+        lambda s: D.vlb_terms(lambda x, t: x, torch.zeros(1, 2), schedule=s),
+    ]
+    for call in entry_points:
+        with pytest.raises(ValueError, match="schedule.beta_schedule.*quadratic.*linear"):
+            call(ScheduleConfig(beta_schedule="quadratic"))
+        with pytest.raises(ValueError, match=r"schedule.beta_start \(0.02\) must be <= schedule.beta_end"):
+            call(ScheduleConfig(beta_start=0.02, beta_end=1e-4))
+        with pytest.raises(ValueError, match="schedule.num_train_timesteps: must be >= 2"):
+            call(ScheduleConfig(num_train_timesteps=1))
 
 
 def test_add_noise_is_q_sample(tables):

@@ -45,7 +45,7 @@ def compute() -> dict:
 
     from pipeline.models.vae import build_vae_for, encode_images
     from pipeline.train.loop import train_locally
-    from pipeline.train.step import build_model, schedule_config
+    from pipeline.models.denoiser import build_denoiser_for
 
     torch.set_num_threads(1)
     cfg = _cfg()
@@ -59,7 +59,7 @@ def compute() -> dict:
         reports = train_locally(cfg, MANIFEST, *null, data, tmp)
     out = {"train_losses": [float(r["loss"]) for r in reports]}
 
-    model = build_model(cfg, MANIFEST).eval()
+    model = build_denoiser_for(cfg, MANIFEST).eval()
     x, t = data["latent"][:2], torch.tensor([10, 500])
     emb, mask = data["text_emb"][:2], data["text_mask"][:2]
     with torch.no_grad():
@@ -77,7 +77,7 @@ def compute() -> dict:
 
     for sampler in diffusion.SAMPLERS:
         sample = diffusion.sample(eps, (2, *MANIFEST["latent_shape"]), sampler=sampler, steps=4, seed=[7, 8],
-                                  schedule=schedule_config(cfg))
+                                  schedule=cfg.schedule)
         out[f"sample_{sampler}"] = _summary(sample)
     return out
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.train.checkpoint import TENSORS_FILE, IncompleteCheckpoint, load_checkpoint
+from pipeline.checkpoint import TENSORS_FILE, IncompleteCheckpoint, load_checkpoint
 from pipeline.train.loop import latest_local_checkpoint, train_locally
 from pipeline.train.step import build_train_state, train_step
 
@@ -133,7 +133,7 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     (with each file's size and sha256), and the JSON state round-trips the optimizer and RNG."""
     import json
 
-    from pipeline.train.checkpoint import MANIFEST_FILE, STATE_FILE, sha256_file
+    from pipeline.checkpoint import MANIFEST_FILE, STATE_FILE, sha256_file
 
     train_locally(_cfg("train.steps=4"), MANIFEST, *NULL, _data(), str(tmp_path))
     folder = tmp_path / "checkpoint_00000004"
@@ -167,8 +167,8 @@ def test_storage_checkpoint_listing_skips_unfinished_ones(tmp_path):
     """What `fit` resumes and `generate`/bench/fid_curve.py read: only checkpoints whose manifest
     exists and whose files have the sizes it records, ordered by the manifest's step; the newest that
     also passes its sha256 is the one used. Folders not named by us are neither listed nor removed."""
-    from pipeline.train.checkpoint import save_checkpoint
-    from pipeline.train.checkpoint_store import remove_incomplete
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.checkpoint_store import remove_incomplete
     from pipeline.train.trainer import complete_checkpoints, latest_checkpoint_uri
 
     cfg = _cfg(f"run.storage={tmp_path}")
@@ -202,8 +202,8 @@ def test_a_malformed_manifest_is_one_more_untrusted_folder(tmp_path, manifest):
     used), never a crash of the listing that training and generate share."""
     import json
 
-    from pipeline.train.checkpoint import MANIFEST_FILE, save_checkpoint
-    from pipeline.train.checkpoint_store import candidates, load_newest_trusted
+    from pipeline.checkpoint import MANIFEST_FILE, save_checkpoint
+    from pipeline.checkpoint_store import candidates, load_newest_trusted
 
     save_checkpoint(str(tmp_path / "checkpoint_00000004"), {"w": torch.ones(3)}, {"step": 4})
     save_checkpoint(str(tmp_path / "checkpoint_00000009"), {"w": torch.zeros(3)}, {"step": 9})
@@ -216,8 +216,8 @@ def test_a_malformed_manifest_is_one_more_untrusted_folder(tmp_path, manifest):
 
 
 def test_retention_keeps_the_newest_and_never_the_one_just_written(tmp_path):
-    from pipeline.train.checkpoint import save_checkpoint
-    from pipeline.train.checkpoint_store import candidates, save_to_storage
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.checkpoint_store import candidates, save_to_storage
 
     for step in (2, 4, 6):
         save_checkpoint(str(tmp_path / "local"), {"w": torch.full((3,), float(step))}, {"step": step})

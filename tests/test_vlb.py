@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from pipeline import diffusion as D
-from pipeline.diffusion import ScheduleConfig
+from pipeline.config import ScheduleSection as ScheduleConfig
 
 T = 1000
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from pipeline import paths, storage
 from pipeline.data import schema
-from pipeline.data.decode import check_record, clean_caption
+from pipeline.data.latents import committed_files, file_sizes, load_manifest
+from pipeline.data.readers import list_split_shards
 from pipeline.devices import resolve_use_gpu, start_whole_pool
 
 log = logging.getLogger(__name__)
@@ -32,60 +33,6 @@ SPLITS = ("train", "test")
 
 
 # ---- CPU stage: raw rows -> decoded rows (pure functions, used by Ray tasks) ---------------------
-
-def parse_shard(data: bytes, source: str, cfg_data) -> list[dict]:
-    """One whole shard (tar or parquet bytes) -> raw records with uniform column types.
-    A corrupt shard becomes one reject record keyed by the shard, never an exception."""
-    from pipeline.data.shards import read_parquet_shard, read_webdataset_shard
-
-    if cfg_data.format == "webdataset":
-        records = read_webdataset_shard(data, source)
-    else:
-        records = read_parquet_shard(data, source, image_col=cfg_data.image_col, caption_col=cfg_data.caption_col)
-    return [_uniform(r) for r in records]
-
-
-def _parse_row(row: dict, cfg_data) -> list[dict]:
-    return parse_shard(row["bytes"], row["path"], cfg_data)
-
-
-def _uniform(r: dict) -> dict:
-    reason = r.get("reason")
-    caption = r.get("caption")
-    if reason is None and caption is None and r.get("image") is not None:
-        reason = schema.REASON_MISSING_CAPTION
-    if isinstance(caption, bytes):
-        try:
-            caption = caption.decode("utf-8")
-        except UnicodeDecodeError:
-            caption, reason = "", reason or schema.REASON_CAPTION_NOT_UTF8
-    return {
-        "key": str(r.get("key") or ""),
-        "image": bytes(r.get("image") or b""),
-        "caption": caption or "",
-        "source": str(r.get("source") or ""),
-        "reason": reason or "",
-    }
-
-
-def decode_batch(batch: dict, image_size: int) -> dict:
-    """Raw records -> key, caption, image (uint8 N x S x S x 3; zeros for rejects), reason ('' if ok)."""
-    n = len(batch["key"])
-    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    captions, reasons = [], []
-    for i in range(n):
-        reason = batch["reason"][i]
-        caption = batch["caption"][i]
-        if not reason:
-            array, reason = check_record(batch["key"][i], batch["image"][i] or None, caption, image_size)
-            if array is not None:
-                images[i] = array
-                caption, _ = clean_caption(caption)
-        captions.append(caption if not reason else "")
-        reasons.append(reason or "")
-    return {"key": list(batch["key"]), "source": list(batch["source"]), "caption": captions,
-            "image": images, "reason": reasons}
-
 
 # ---- GPU/CPU actor stage: the frozen encoders ----------------------------------------------------
 
@@ -136,32 +83,6 @@ def nonfinite_reasons(latents: np.ndarray, text_emb: np.ndarray) -> list[str]:
 
 
 # ---- Driver ---------------------------------------------------------------------------------------
-
-def list_split_shards(cfg, split: str) -> list[str]:
-    from pipeline.data.shards import list_shards
-
-    prefix = storage.join(paths.raw(cfg), split)
-    shards = list_shards(prefix, cfg.data.format)
-    if not shards:
-        raise FileNotFoundError(
-            f"no {cfg.data.format} shards under {prefix}: run `python -m jobs.ingest` first, "
-            f"or point data.input_uri at a prefix holding train/ and test/ shards"
-        )
-    return shards
-
-
-def read_raw(cfg, split: str):
-    """A Ray Dataset of raw records (key, image bytes, caption, source, reason) for one split, and the
-    number of shards (the autoencoder's training images come from here)."""
-    import ray
-
-    shards = list_split_shards(cfg, split)
-    # Whole shards as bytes: our parsers turn a corrupt member (or shard) into a reject row, where
-    # read_webdataset/read_parquet would fail the task or drop it silently.
-    ds = ray.data.read_binary_files([storage.ray_path(s) for s in shards], include_paths=True,
-                                    filesystem=storage.ray_filesystem(shards[0]))  # io timeouts and attempts
-    return ds.flat_map(_parse_row, fn_kwargs={"cfg_data": cfg.data}), len(shards)
-
 
 def encode_shards(cfg, shards: dict[str, list[str]], out_uri: str, enc_id: str, use_gpu: bool) -> dict[str, dict]:
     """Every shard through the EncodeShard actor pool; returns {split: counts}. Shards an earlier run
@@ -292,8 +213,8 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     # The marker, last, records the hashes of the small files every later stage reads back.
     storage.write_commit_marker(out, {"n_encoded": manifest["n_encoded"], "sha256": {
         "manifest.json": storage.sha256_bytes(manifest_bytes), "null_text.npz": storage.sha256_bytes(buf.getvalue())},
-        "files": {split: _file_sizes(storage.join(out, split)) for split in splits},
-        "rejects": {split: _file_sizes(storage.join(out, REJECTS_DIR, split)) for split in splits}})
+        "files": {split: file_sizes(storage.join(out, split)) for split in splits},
+        "rejects": {split: file_sizes(storage.join(out, REJECTS_DIR, split)) for split in splits}})
     if manifest["reused_shards"]:
         print(f"encode: kept {manifest['reused_shards']} of {manifest['n_shards']} shards an earlier run finished")
     if untrained:
@@ -302,68 +223,3 @@ def encode(cfg, splits=SPLITS, force: bool = False) -> dict:
     return manifest
 
 
-def _read_committed(latents_uri: str, name: str) -> bytes:
-    """A small file of a committed latent dataset, checked against the hash in its `_COMMITTED`."""
-    if not storage.is_committed(latents_uri):
-        raise FileNotFoundError(f"no committed latent dataset at {latents_uri}: run `python -m jobs.encode` first")
-    want = storage.read_json(storage.join(latents_uri, storage.COMMIT_MARKER)).get("sha256", {}).get(name)
-    data = storage.read_bytes(storage.join(latents_uri, name))
-    if want is None or storage.sha256_bytes(data) != want:
-        raise storage.CorruptArtifact(
-            f"{latents_uri}/{name} does not match the sha256 in its {storage.COMMIT_MARKER} (corrupted, or "
-            "written by an older version): delete the folder and run `python -m jobs.encode` again"
-        )
-    return data
-
-
-def _file_sizes(prefix: str) -> dict[str, int]:
-    return {uri.rstrip("/").rsplit("/", 1)[-1]: storage.size(uri) for uri in storage.ls(prefix)}
-
-
-def committed_files(latents_uri: str, split: str) -> list[str]:
-    """The latent parquet files of a split exactly as `_COMMITTED` lists them (name and size): a file
-    lost, truncated or added since is a CorruptArtifact, so training never reads another dataset."""
-    marker = storage.read_json(storage.join(latents_uri, storage.COMMIT_MARKER))
-    want = (marker.get("files") or {}).get(split)
-    if want is None:
-        raise storage.CorruptArtifact(
-            f"{latents_uri}: its {storage.COMMIT_MARKER} lists no {split} files (written by an older version): "
-            "delete the folder and run `python -m jobs.encode` again")
-    have = _file_sizes(storage.join(latents_uri, split))
-    if have != want:
-        diff = sorted(set(have.items()) ^ set(want.items()))
-        raise storage.CorruptArtifact(f"{latents_uri}/{split}: files differ from {storage.COMMIT_MARKER}: {diff[:5]}")
-    return [storage.join(latents_uri, split, name) for name in sorted(want)]
-
-
-def read_latents(latents_uri: str, split: str, columns: list[str]):
-    """A pyarrow Table of the split's committed latent files (exactly those `_COMMITTED` lists)."""
-    import pyarrow.parquet as pq
-
-    files = committed_files(latents_uri, split)
-    if not files:
-        raise FileNotFoundError(f"{latents_uri}: the {split} split has no encoded rows")
-    fs, _ = storage.pyarrow_fs(files[0])
-    with storage.translate_errors("read", storage.join(latents_uri, split)):
-        return pq.ParquetDataset([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs).read(columns=columns)
-
-
-def numpy_column(table, name: str, shape, dtype) -> np.ndarray:
-    """A parquet column of fixed-shape arrays (Ray's tensor type or nested lists) as one N x shape array."""
-    import pyarrow as pa
-
-    arr = table.column(name).combine_chunks()
-    if isinstance(arr.type, pa.ExtensionType):
-        arr = arr.storage
-    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
-        arr = arr.flatten()
-    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(table), *shape)
-
-
-def load_null_text(latents_uri: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(_read_committed(latents_uri, "null_text.npz")), allow_pickle=False) as z:
-        return z["emb"], z["mask"]
-
-
-def load_manifest(latents_uri: str) -> dict:
-    return json.loads(_read_committed(latents_uri, "manifest.json"))

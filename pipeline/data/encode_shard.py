@@ -160,7 +160,7 @@ class EncodeShard:
 
     def encode_shard(self, split: str, shard: str) -> dict:
         """Parse, decode and encode one shard; write its latents and rejects, then its done record."""
-        from pipeline.data.encode import decode_batch, parse_shard
+        from pipeline.data.readers import decode_batch, parse_shard
 
         names = output_names(split, shard)
         storage.rm(storage.join(self.out, names["record"]))  # a redo: the old record must not outlive its files

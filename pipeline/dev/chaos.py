@@ -119,7 +119,7 @@ def final_weights_sha256(cfg, task: str = "denoiser") -> dict:
     also advanced by Ray and library code, differently in a restarted process."""
     import tempfile
 
-    from pipeline.train.checkpoint_store import fetch
+    from pipeline.checkpoint_store import fetch
     from pipeline.train.trainer import latest_checkpoint_uri
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,7 +52,7 @@ def output_identity(cfg, manifest: dict, checkpoint_uri: str, prompts: list[str]
     generate settings, default cfg.generate)."""
     import torch
 
-    from pipeline.train.checkpoint import MANIFEST_FILE
+    from pipeline.checkpoint import MANIFEST_FILE
 
     g, d = g or cfg.generate, cfg.to_dict()
     return {

@@ -14,9 +14,8 @@ def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
     """The bound on the first eval.vlb_latents test latents, split into reconstruction, prior-matching
     and summed denoising-matching terms. Runs where it is called: the evaluation runs it as a Ray task
     (on a GPU when generate.use_gpu gives one)."""
-    from pipeline.data.encode import numpy_column, read_latents
-    from pipeline.eval.generate import load_ema_denoiser
-    from pipeline.train.step import schedule_config
+    from pipeline.data.latents import numpy_column, read_latents
+    from pipeline.models.denoiser import load_ema_denoiser
 
     n = cfg.eval.vlb_latents
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +32,7 @@ def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
             return out.sample.to("cpu", x.dtype)
 
     t0 = time.time()
-    terms = diffusion.vlb_terms(eps_fn, x0, schedule=schedule_config(cfg),
+    terms = diffusion.vlb_terms(eps_fn, x0, schedule=cfg.schedule,
                                 timesteps=cfg.eval.vlb_timesteps or "all",
                                 generator=torch.Generator().manual_seed(cfg.run.seed), batch_t=1)
     bits = diffusion.bits_per_dim(terms, tuple(x0.shape))

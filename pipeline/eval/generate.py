@@ -18,7 +18,6 @@ import dataclasses
 import io
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -34,23 +33,6 @@ log = logging.getLogger(__name__)
 def image_seed(seed: int, index: int) -> int:
     """A 63-bit seed that depends only on (seed, index)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def load_ema_denoiser(cfg, manifest: dict, checkpoint_uri: str, device="cpu") -> torch.nn.Module:
-    """The denoiser with the checkpoint's EMA weights, in eval mode."""
-    from diffusers.training_utils import EMAModel
-
-    from pipeline.train.checkpoint_store import fetch
-    from pipeline.train.step import build_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sd, _ = fetch(checkpoint_uri, tmp)  # verified again here: these are the bytes this process loads
-    model = build_model(cfg, manifest)
-    model.load_state_dict(sd["model"])
-    ema = EMAModel(model.parameters())
-    ema.load_state_dict(sd["ema"])
-    ema.copy_to(model.parameters())
-    return model.requires_grad_(False).eval().to(device)
 
 
 @dataclass(frozen=True)
@@ -76,9 +58,9 @@ class Generator:
 
     def __init__(self, cfg_dict: dict, manifest: dict, checkpoint_uri: str):
         from pipeline.config import from_dict
+        from pipeline.models.denoiser import load_ema_denoiser
         from pipeline.models.text import build_text_encoder
         from pipeline.models.vae import build_vae_for
-        from pipeline.train.step import schedule_config
 
         self.cfg = cfg = from_dict(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,7 +68,6 @@ class Generator:
         self.vae, _ = build_vae_for(cfg, self.device)
         self.model = load_ema_denoiser(cfg, manifest, checkpoint_uri, self.device)
         self.latent_shape = tuple(manifest["latent_shape"])
-        self.schedule = schedule_config(cfg)
         self.null_emb, self.null_mask = self.text.encode([""], self.device)
 
     def eps_fn(self, emb, mask, scale: float):
@@ -111,7 +92,7 @@ class Generator:
         emb, mask = self.text.encode(list(prompts), self.device)
         latents = diffusion.sample(
             self.eps_fn(emb, mask, float(guidance_scale)), (len(prompts), *self.latent_shape), sampler=sampler,
-            steps=int(steps), seed=[int(s) for s in seeds], schedule=self.schedule, device=self.device,
+            steps=int(steps), seed=[int(s) for s in seeds], schedule=self.cfg.schedule, device=self.device,
         )
         return decode_latents(self.vae, latents), latents.float().flatten(1).std(dim=1).cpu().numpy()
 
@@ -160,7 +141,7 @@ def load_prompts(cfg, latents_uri: str) -> list[str]:
 
     src = cfg.generate.prompts
     if src in ("train", "test"):
-        from pipeline.data.encode import read_latents
+        from pipeline.data.latents import read_latents
 
         table = read_latents(latents_uri, src, ["key", "caption"])
         rows = sorted(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from pipeline import diffusion, paths, storage
+from pipeline import checkpoint_store, diffusion, paths, storage
 from pipeline.devices import resolve_use_gpu
 from pipeline.eval import scoring
 from pipeline.eval.fid import fid_of_moments
@@ -79,13 +79,12 @@ def run(cfg, report: bool = True) -> dict:
     """The generate job: returns the configured set's info plus "fid", "eval", "encoders", "seen_prompts"."""
     import ray
 
-    from pipeline.data.encode import load_manifest
+    from pipeline.data.latents import load_manifest
     from pipeline.eval.bound import variational_bound
-    from pipeline.train.trainer import latest_checkpoint_uri
 
     latents_uri = paths.latents(cfg)
     manifest = load_manifest(latents_uri)
-    checkpoint = latest_checkpoint_uri(cfg)
+    checkpoint = checkpoint_store.newest_trusted_uri(paths.denoiser_run(cfg))  # downloaded and verified once
     if checkpoint is None:
         raise SystemExit(f"no complete checkpoint for run {cfg.run.name!r}: run `python -m jobs.train` first")
     ev: dict = {}

@@ -190,7 +190,7 @@ def reference_chunks(cfg, split: str, limit: int) -> list[dict]:
     """One chunk per shard of the split; with a limit, the first `limit` usable images in shard order."""
     import ray
 
-    from pipeline.data.encode import list_split_shards
+    from pipeline.data.readers import list_split_shards
 
     shards = list_split_shards(cfg, split)
     if not limit:

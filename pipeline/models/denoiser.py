@@ -1,8 +1,13 @@
-"""The latent denoiser: a diffusers UNet2DConditionModel cross-attending to T5 embeddings."""
+"""The latent denoiser: a diffusers UNet2DConditionModel cross-attending to T5 embeddings, built from
+config (seeded random init) or loaded with a training checkpoint's EMA weights."""
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
+
+from pipeline import checkpoint_store
 
 
 def build_denoiser(cfg, *, latent_channels: int, latent_size: int, cross_attention_dim: int, seed: int):
@@ -29,3 +34,25 @@ def build_denoiser(cfg, *, latent_channels: int, latent_size: int, cross_attenti
             attention_head_dim=cfg.attention_head_dim,
             norm_num_groups=cfg.norm_num_groups,
         )
+
+
+def build_denoiser_for(cfg, manifest: dict) -> torch.nn.Module:
+    """The denoiser of a pipeline Config, sized from the latent dataset's manifest (latent shape, text width)."""
+    c, h, _ = manifest["latent_shape"]
+    return build_denoiser(
+        cfg.denoiser, latent_channels=c, latent_size=h, cross_attention_dim=manifest["text_shape"][1], seed=cfg.run.seed
+    )
+
+
+def load_ema_denoiser(cfg, manifest: dict, checkpoint_uri: str, device="cpu") -> torch.nn.Module:
+    """The denoiser with a stored training checkpoint's EMA weights (verified on download), in eval mode."""
+    from diffusers.training_utils import EMAModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sd, _ = checkpoint_store.fetch(checkpoint_uri, tmp)  # verified here: these are the bytes this process loads
+    model = build_denoiser_for(cfg, manifest)
+    model.load_state_dict(sd["model"])
+    ema = EMAModel(model.parameters())
+    ema.load_state_dict(sd["ema"])
+    ema.copy_to(model.parameters())
+    return model.requires_grad_(False).eval().to(device)

@@ -1,4 +1,5 @@
-"""The autoencoder: a diffusers AutoencoderKL from a path/hub id, or a seeded random-init one.
+"""The autoencoder: a diffusers AutoencoderKL from a path/hub id, a verified export of our own
+training, the weights of a training checkpoint, or a seeded random-init one.
 
 Latents are `scaling_factor * mean(q(z|x))`: the posterior mean rather than a sample, so encoding
 is deterministic and re-running encode reproduces the same latent dataset bit for bit.
@@ -6,12 +7,15 @@ is deterministic and re-running encode reproduces the same latent dataset bit fo
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 
 import numpy as np
 import torch
 
-from pipeline import paths, storage
+from pipeline import checkpoint_store, paths, storage
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +84,9 @@ def build_vae_for(cfg, device: str | torch.device = "cpu"):
 def _from_pretrained(cls, where: str, verified_export: bool = False):
     """from_pretrained of safetensors weights only (a pickled .bin is never loaded), for local
     folders and hub ids; object-store folders are copied locally first. A trained export is checked
-    against the hash in its _COMMITTED (pipeline.train.vae_export.fetch_export)."""
-    import tempfile
-
+    against the hash in its _COMMITTED (fetch_export)."""
     with tempfile.TemporaryDirectory(prefix="rld-vae-") as local:
         if verified_export:
-            from pipeline.train.vae_export import fetch_export
-
             where = fetch_export(where, local)
         elif storage.is_remote(where):
             fs, path = storage.fs_and_path(where)
@@ -96,6 +96,47 @@ def _from_pretrained(cls, where: str, verified_export: bool = False):
                     fs.get(name, f"{local}/{base}")
             where = local
         return cls.from_pretrained(where, use_safetensors=True)
+
+
+def load_trained_vae(cfg, checkpoint_uri: str):
+    """The AutoencoderKL with the weights of a VAE training checkpoint (verified on download)."""
+    vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, trainable=True, force_random=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        sd, _ = checkpoint_store.fetch(checkpoint_uri, tmp)
+    vae.load_state_dict({k.removeprefix("vae."): v for k, v in sd["model"].items()})
+    return vae.eval().requires_grad_(False)
+
+
+EXPORT_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+"""What save_pretrained writes, for exports whose marker predates its `files` list."""
+
+
+def export_digest(folder: str, names: list[str]) -> str:
+    """The export's identity and integrity check: sha256 over (name + bytes) of each file, sorted by
+    name, first 16 hex digits (recorded in `_COMMITTED`; the latents key depends on it)."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
+
+
+def fetch_export(export_uri: str, local: str) -> str:
+    """Download a committed VAE export's files into `local` and verify them against `_COMMITTED`;
+    storage.CorruptArtifact if they differ. Returns `local`."""
+    marker = storage.read_json(storage.join(export_uri, storage.COMMIT_MARKER))
+    names = marker.get("files") or EXPORT_FILES
+    if any("/" in n or n.startswith(".") or not n.endswith((".json", ".safetensors")) for n in names):
+        raise storage.CorruptArtifact(f"{export_uri}: _COMMITTED lists unexpected files {names}")
+    for name in names:
+        fs, path = storage.fs_and_path(storage.join(export_uri, name))
+        fs.get(path, os.path.join(local, name))
+    if export_digest(local, names) != marker.get("sha256"):
+        raise storage.CorruptArtifact(
+            f"{export_uri}: the exported VAE's files do not match the sha256 in its _COMMITTED (corrupted or "
+            "replaced); run `python -m jobs.train_vae` again to re-export"
+        )
+    return local
 
 
 def latent_shape(vae, image_size: int) -> tuple[int, int, int]:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from pipeline.train import data as train_data
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train import tasks
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.step import TrainState, build_train_state, load_state_dict, state_dict, train_step
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,7 @@ class MetricWindow:
     """Averages between reports: loss, grad norm, a step's extra scalars, and for the denoiser the loss
     by timestep quartile (as improved-diffusion logs it)."""
 
-    def __init__(self, num_timesteps: int | None):
-        self.num_timesteps = num_timesteps
+    def __init__(self):
         self.reset()
 
     def reset(self) -> None:
@@ -49,8 +49,8 @@ class MetricWindow:
 
     def add(self, out: dict) -> None:
         self.losses.append(out["loss"])
-        if "t" in out and self.num_timesteps:
-            q = (out["t"] * 4 // self.num_timesteps).clamp(max=3)
+        if "quartile" in out:  # the denoiser's per-sample losses by timestep quartile
+            q = out["quartile"]
             self.q_sum.index_add_(0, q, out["per_sample"].double())
             self.q_n.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
         for k, v in out.get("scalars", {}).items():
@@ -96,7 +96,7 @@ def run_loop(
     `on_batch(state, batch)` is called after each batch is consumed (its update applied or skipped),
     before any report of that step."""
     loop = loop or cfg.train
-    window = MetricWindow(state.noise_scheduler.config.num_train_timesteps if state.noise_scheduler else None)
+    window = MetricWindow()
     total = loop.steps
     resumed_from = state.step
     max_nonfinite = loop.max_nonfinite_steps
@@ -170,19 +170,12 @@ def ray_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if config["task"] == "vae":
-        from pipeline.train.vae_step import build_vae_train_state, vae_train_step
-
-        state = build_vae_train_state(cfg, rank=rank, wrap=ray.train.torch.prepare_model)
-        step_fn, loop = vae_train_step, cfg.vae_train
-    else:
-        state = build_train_state(
-            cfg, config["manifest"], config["null_emb"], config["null_mask"], rank=rank, wrap=ray.train.torch.prepare_model
-        )
-        step_fn, loop = train_step, cfg.train
+    task = tasks.get(config["task"])
+    state = task.build_state(cfg, config["prepared"], rank=rank, wrap=ray.train.torch.prepare_model)
+    loop = task.loop(cfg)
     # One rule for what to resume from, here and in generate: the newest stored checkpoint that verifies
     # (checkpoint_store), not Ray Train's registry. Rank 0 chooses; every rank loads that folder.
-    from pipeline.train import checkpoint_store
+    from pipeline import checkpoint_store
 
     found = checkpoint_store.load_newest_trusted(config["run_uri"], map_location=device) if rank == 0 else None
     folder, sd = (found[0], found[1]) if found else (None, None)
@@ -249,7 +242,7 @@ def ray_worker(config: dict) -> None:
         ray.train.report(metrics)
 
     autocast = torch.bfloat16 if device.type == "cuda" and loop.mixed_precision == "bf16" else None
-    run_loop(cfg, state, batches, report, step_fn=step_fn, loop=loop, world_size=world, autocast_dtype=autocast,
+    run_loop(cfg, state, batches, report, step_fn=task.step, loop=loop, world_size=world, autocast_dtype=autocast,
              on_batch=on_batch)
     # What fit() returns (Ray Train's Result carries metrics only with a checkpoint); an attempt that
     # found nothing left to train (its predecessor died after finishing) keeps that one's summary.
@@ -318,7 +311,7 @@ def train_locally(cfg, manifest: dict, null_emb, null_mask, data: dict, out_dir:
 
 def latest_local_checkpoint(out_dir: str) -> str | None:
     """The newest complete checkpoint folder under out_dir (incomplete ones are ignored)."""
-    from pipeline.train.checkpoint import IncompleteCheckpoint, read_manifest
+    from pipeline.checkpoint import IncompleteCheckpoint, read_manifest
 
     if not os.path.isdir(out_dir):
         return None

@@ -11,12 +11,23 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import diffusion
-from pipeline.models.denoiser import build_denoiser
+from pipeline.models.denoiser import build_denoiser_for
+
+
+@dataclass
+class DenoisingObjective:
+    """What the denoiser's step needs besides the model and the batch."""
+
+    noise_scheduler: object
+    """The DDPMScheduler whose add_noise gives q(x_t | x_0)."""
+    null_emb: torch.Tensor
+    """T5 embedding of the empty caption [L, D], the unconditional input for guidance dropout."""
+    null_mask: torch.Tensor
 
 
 @dataclass
 class TrainState:
-    """Everything a training loop carries between steps, for the denoiser and the autoencoder alike."""
+    """Everything a training loop carries between steps, for every task (pipeline.train.tasks)."""
 
     model: torch.nn.Module
     """The trained module (possibly DDP-wrapped)."""
@@ -29,11 +40,9 @@ class TrainState:
     every step: a resumed run draws exactly what the uninterrupted one would, for any world size."""
     seed: int
     rank: int
-    noise_scheduler: object = None
-    """Denoiser: the DDPMScheduler whose add_noise gives q(x_t | x_0)."""
-    null_emb: torch.Tensor | None = None
-    """Denoiser: T5 embedding of the empty caption [L, D], the unconditional input for guidance."""
-    null_mask: torch.Tensor | None = None
+    objective: object = None
+    """What the task's step needs besides the model (the denoiser's DenoisingObjective); None when the
+    model computes its whole loss itself (the autoencoder's VAEWithLoss)."""
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -46,20 +55,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def build_model(cfg, manifest: dict) -> torch.nn.Module:
-    """The denoiser sized from the latent dataset's manifest (latent shape, text width)."""
-    c, h, _ = manifest["latent_shape"]
-    return build_denoiser(
-        cfg.denoiser, latent_channels=c, latent_size=h, cross_attention_dim=manifest["text_shape"][1], seed=cfg.run.seed
-    )
-
-
 def build_train_state(cfg, manifest: dict, null_emb, null_mask, *, rank: int = 0, wrap=None) -> TrainState:
     """cfg: Config. `wrap` turns the bare model into the trained one (DDP via Ray's prepare_model)."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    model = build_model(cfg, manifest)
+    model = build_denoiser_for(cfg, manifest)
     ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay)
     if wrap is not None:
         model = wrap(model)
@@ -72,12 +73,14 @@ def build_train_state(cfg, manifest: dict, null_emb, null_mask, *, rank: int = 0
         ema=ema,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        noise_scheduler=diffusion.make_scheduler("ddpm", schedule_config(cfg)),
         generator=torch.Generator(),
         seed=cfg.run.seed,
         rank=rank,
-        null_emb=torch.as_tensor(null_emb, dtype=torch.float32),
-        null_mask=torch.as_tensor(null_mask, dtype=torch.int64),
+        objective=DenoisingObjective(
+            noise_scheduler=diffusion.make_scheduler("ddpm", cfg.schedule),
+            null_emb=torch.as_tensor(null_emb, dtype=torch.float32),
+            null_mask=torch.as_tensor(null_mask, dtype=torch.int64),
+        ),
     )
 
 
@@ -87,19 +90,13 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def schedule_config(cfg) -> diffusion.ScheduleConfig:
-    """The config's `schedule` section as the diffusion module's ScheduleConfig (same fields)."""
-    import dataclasses
-
-    return diffusion.ScheduleConfig(**dataclasses.asdict(cfg.schedule))
-
-
 def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> dict:
     """One optimizer step on the DDPM objective ||eps - eps_theta(x_t, t, c)||^2.
 
-    batch: latent [B,C,h,w], text_emb [B,L,D], text_mask [B,L]. Returns per-sample losses and t
-    (for the loss-by-timestep-quartile curve) and the gradient norm.
+    batch: latent [B,C,h,w], text_emb [B,L,D], text_mask [B,L]. Returns per-sample losses with each
+    sample's timestep quartile (for the loss-by-quartile curve) and the gradient norm.
     """
+    obj: DenoisingObjective = state.objective
     device = next(state.model.parameters()).device
     g = state.generator.manual_seed(step_seed(state.seed, state.rank, state.step))
     x0 = batch["latent"].float()
@@ -109,11 +106,12 @@ def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> d
     # Classifier-free guidance: train the unconditional model on the same network by swapping in
     # the empty caption's embedding with probability cond_dropout.
     drop = torch.rand(b, generator=g) < cfg.train.cond_dropout
-    emb = torch.where(drop[:, None, None], state.null_emb.expand_as(emb), emb)
-    mask = torch.where(drop[:, None], state.null_mask.expand_as(mask), mask)
+    emb = torch.where(drop[:, None, None], obj.null_emb.expand_as(emb), emb)
+    mask = torch.where(drop[:, None], obj.null_mask.expand_as(mask), mask)
     noise = torch.randn(x0.shape, generator=g)
-    t = diffusion.sample_timesteps(b, state.noise_scheduler.config.num_train_timesteps, g)
-    x_t = diffusion.add_noise(state.noise_scheduler, x0, noise, t)
+    T = obj.noise_scheduler.config.num_train_timesteps
+    t = diffusion.sample_timesteps(b, T, g)
+    x_t = diffusion.add_noise(obj.noise_scheduler, x0, noise, t)
 
     x_t, t_dev, emb, mask, noise = (v.to(device) for v in (x_t, t, emb, mask, noise))
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -122,7 +120,8 @@ def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> d
     loss = per_sample.mean()
 
     grad_norm, applied = apply_update(state, loss, cfg.train.grad_clip)
-    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(), "t": t, "grad_norm": grad_norm,
+    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(),
+            "quartile": (t * 4 // T).clamp(max=3), "grad_norm": grad_norm,
             "n": b, "applied": applied}
 
 
@@ -153,7 +152,7 @@ def apply_update(state: TrainState, loss: torch.Tensor, grad_clip: float) -> tup
 
 
 def state_dict(state: TrainState) -> dict:
-    from pipeline.train.checkpoint import rng_state
+    from pipeline.checkpoint import rng_state
 
     return {
         "model": unwrap(state.model).state_dict(),
@@ -169,7 +168,7 @@ def state_dict(state: TrainState) -> dict:
 
 
 def load_state_dict(state: TrainState, sd: dict) -> None:
-    from pipeline.train.checkpoint import set_rng_state
+    from pipeline.checkpoint import set_rng_state
 
     unwrap(state.model).load_state_dict(sd["model"])
     if state.ema is not None:

@@ -1,6 +1,7 @@
-"""Launching the denoiser's training on Ray Train (TorchTrainer, DDP, checkpoints in object storage).
+"""Launching a task's training (pipeline.train.tasks) on Ray Train: TorchTrainer, DDP, checkpoints in
+object storage.
 
-Checkpoints live at `<storage>/checkpoints/<run.name>/`, written and pruned by rank 0 through
+Checkpoints live at `<storage>/checkpoints/<run.name>/` (the autoencoder's at `<run.name>-vae/`), written and pruned by rank 0 through
 `checkpoint_store` (Ray Train is told metrics only). Calling `fit` again with the same run name
 makes the workers resume from the newest checkpoint there that verifies, and the loop continues
 from its step, epoch and batch position up to the (possibly raised) `train.steps`.
@@ -12,24 +13,17 @@ import logging
 import time
 import uuid
 
-import numpy as np
-
-from pipeline import paths, storage
-from pipeline.data.encode import load_manifest, load_null_text
+from pipeline import checkpoint_store, paths, storage
 from pipeline.devices import resolve_use_gpu
 from pipeline.signals import keep_python_sigint_handler
-from pipeline.train import checkpoint_store
+from pipeline.train import tasks
 
 log = logging.getLogger(__name__)
 
 
-def run_name(cfg, task: str = "denoiser") -> str:
-    return f"{cfg.run.name}-vae" if task == "vae" else cfg.run.name
-
-
 def run_uri(cfg, task: str = "denoiser") -> str:
-    """Where this run's checkpoint folders live (Ray Train's experiment folder)."""
-    return storage.join(paths.checkpoints(cfg), run_name(cfg, task))
+    """Where this run's checkpoint folders of `task` live (Ray Train's experiment folder)."""
+    return tasks.get(task).run_uri(cfg)
 
 
 def starts_uri(cfg, task: str = "denoiser") -> str:
@@ -46,10 +40,10 @@ def audit_samples(cfg, task: str = "denoiser") -> dict:
     """Per epoch: samples trained on, missing, repeated, out of order (pipeline.train.data.audit)."""
     from pipeline.train import data
 
-    keys = training_table(cfg, task, load_manifest(paths.latents(cfg)) if task == "denoiser" else None)["key"]
-    loop = cfg.vae_train if task == "vae" else cfg.train
+    t = tasks.get(task)
+    keys = data.sort_by_key(t.table(cfg, t.prepare(cfg)))["key"]
     return data.audit(samples_uri(cfg, task), storage.read_json(starts_uri(cfg, task)), keys, cfg.run.seed,
-                      loop.batch_size)
+                      t.loop(cfg).batch_size)
 
 
 def complete_checkpoints(cfg, task: str = "denoiser") -> list[tuple[int, str]]:
@@ -64,13 +58,13 @@ def latest_checkpoint_uri(cfg, task: str = "denoiser") -> str | None:
     return checkpoint_store.newest_trusted_uri(run_uri(cfg, task))
 
 
-def check_resumable(cfg, task: str = "denoiser", data_identity: dict | None = None) -> None:
+def check_resumable(cfg, task: str = "denoiser") -> None:
     """Raise ConfigError if this run's latest checkpoint was trained under settings its weights depend on
-    (noise schedule, architectures, encoders, and for the denoiser the latent dataset, which a retrained
-    VAE changes) that differ from now: fit would otherwise resume it."""
+    (Task.resume_sections and resume_keys, and the data it names, e.g. the latent dataset, which a
+    retrained VAE changes) that differ from now: fit would otherwise resume it."""
     from pipeline.config import ConfigError, from_dict
-    from pipeline.train.checkpoint import resume_conflicts
 
+    t = tasks.get(task)
     found = complete_checkpoints(cfg, task)  # the manifest's settings matter here, not its hashes
     if not found:
         return
@@ -81,81 +75,45 @@ def check_resumable(cfg, task: str = "denoiser", data_identity: dict | None = No
         saved = from_dict(saved).to_dict()
     except ValueError:
         pass  # a section or key this version no longer has: compare what is there
-    conflicts = resume_conflicts(saved, cfg.to_dict(), task)
+    conflicts = t.resume_conflicts(saved, cfg.to_dict())
     old_data = info.get("data_identity") or {}
-    conflicts += [f"{k}: checkpoint {old_data[k]!r}, now {v!r}" for k, v in (data_identity or {}).items()
+    conflicts += [f"{k}: checkpoint {old_data[k]!r}, now {v!r}" for k, v in t.data_identity(cfg).items()
                   if k in old_data and old_data[k] != v]
     if conflicts:
         raise ConfigError(
-            f"run {run_name(cfg, task)!r} has a checkpoint ({latest}) trained with other settings, which "
-            f"training would resume: {'; '.join(conflicts)}. Use a new run.name, or the checkpoint's settings."
+            f"run {run_uri(cfg, task).rsplit('/', 1)[-1]!r} has a checkpoint ({latest}) trained with other settings, "
+            f"which training would resume: {'; '.join(conflicts)}. Use a new run.name, or the checkpoint's settings."
         )
 
 
-def image_dataset(cfg, split: str = "train"):
-    """Decoded training images (columns `key`, `image`: uint8 S x S x 3) for the autoencoder."""
-    from pipeline.data.encode import decode_batch, read_raw
-
-    raw, _ = read_raw(cfg, split)
-    decoded = raw.map_batches(decode_batch, fn_kwargs={"image_size": cfg.data.image_size}, batch_size=256,
-                              batch_format="numpy")
-    return decoded.filter(lambda r: r["reason"] == "").select_columns(["key", "image"])
-
-
-def training_table(cfg, task: str, manifest: dict | None = None) -> dict[str, np.ndarray]:
-    """The whole training set as arrays in key order (pipeline.train.data): the latents for the
-    denoiser (files exactly as `_COMMITTED` lists them), decoded images for the autoencoder."""
-    from pipeline.data.encode import numpy_column, read_latents
-    from pipeline.train import data
-
-    if task == "vae":
-        batches = list(image_dataset(cfg).iter_batches(batch_size=1024, batch_format="numpy"))
-        if not batches:
-            raise RuntimeError("no decodable training images: check the ingest's rejects")
-        arrays = {k: np.concatenate([b[k] for b in batches]) for k in ("key", "image")}
-    else:
-        table = read_latents(paths.latents(cfg), "train", ["key", "latent", "text_emb", "text_mask"])
-        arrays = {"key": np.asarray(table.column("key").to_pylist(), dtype=str),
-                  "latent": numpy_column(table, "latent", manifest["latent_shape"], np.float32),
-                  "text_emb": numpy_column(table, "text_emb", manifest["text_shape"], np.float16),
-                  "text_mask": numpy_column(table, "text_mask", manifest["text_shape"][:1], np.int8)}
-    return data.sort_by_key(arrays)
-
-
 def fit(cfg, task: str = "denoiser") -> dict:
-    """Train the denoiser (task="denoiser", on the latent dataset) or the autoencoder (task="vae", on
-    decoded images) with the same loop, checkpoints and resume."""
+    """Train a task (pipeline.train.tasks: "denoiser" on the latent dataset, "vae" on decoded images)
+    with the same loop, checkpoints and resume."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import dist
 
-    data_identity = {"latents_uri": paths.latents(cfg)} if task == "denoiser" else {}
-    check_resumable(cfg, task, data_identity)
+    t = tasks.get(task)
+    check_resumable(cfg, task)
     checkpoint_store.remove_incomplete(run_uri(cfg, task))
     outputs = paths.outputs(cfg)
     fit_id = uuid.uuid4().hex[:12]
-    loop_config: dict = {"cfg": cfg.to_dict(), "task": task, "data_identity": data_identity,
-                         "run_uri": run_uri(cfg, task), "fit_id": fit_id,
+    loop = t.loop(cfg)
+    prepared = t.prepare(cfg)
+    loop_config: dict = {"cfg": cfg.to_dict(), "task": task, "prepared": prepared,
+                         "data_identity": t.data_identity(cfg), "run_uri": run_uri(cfg, task), "fit_id": fit_id,
                          "history_uri": storage.join(outputs, f"{task}_metrics.json"),
                          "result_uri": storage.join(outputs, f"{task}_result.json"),
                          "starts_uri": starts_uri(cfg, task),
                          "samples_uri": samples_uri(cfg, task)}
-    if task == "vae":
-        loop = cfg.vae_train
-        manifest = None
-    else:
-        loop = cfg.train
-        latents = paths.latents(cfg)
-        manifest = load_manifest(latents)
-        null_emb, null_mask = load_null_text(latents)
-        if manifest["untrained"]:
-            print("train: NOTE training on latents of UNTRAINED encoders (see the encode manifest)")
-        loop_config |= {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist()}
-    # Read once here and shared through the object store (owned by this driver, so it outlives any
-    # worker or node the run loses); each rank picks its rows by (seed, epoch, rank).
-    table = training_table(cfg, task, manifest)
+    # Read once here, in key order (pipeline.train.data), and shared through the object store (owned by
+    # this driver, so it outlives any worker or node the run loses); each rank picks its rows by
+    # (seed, epoch, rank).
+    from pipeline.train import data
+
+    table = data.sort_by_key(t.table(cfg, prepared))
     loop_config["data_ref"] = ray.put(table)
     n_samples = len(table["key"])
     del table
@@ -172,7 +130,7 @@ def fit(cfg, task: str = "denoiser") -> dict:
         scaling_config=ray.train.ScalingConfig(num_workers=loop.num_workers, use_gpu=use_gpu,
                                                placement_strategy=loop.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=run_name(cfg, task),
+            name=run_uri(cfg, task).rsplit("/", 1)[-1],
             storage_path=storage.train_storage_path(paths.checkpoints(cfg)),
             storage_filesystem=storage.ray_filesystem(paths.checkpoints(cfg)),  # io timeouts/attempts
             # A lost worker or node restarts the whole group, which resumes from the newest checkpoint.
@@ -200,7 +158,7 @@ def fit(cfg, task: str = "denoiser") -> dict:
         "nodes": attempts[-1]["nodes"] if attempts else [],
         "samples": n_samples,
     }
-    summary |= {k: metrics[k] for k in ("rec", "kl", "psnr") if k in metrics}
+    summary |= {k: metrics[k] for k in t.summary_keys if k in metrics}
     print(f"train ({task}): {summary}")
     return summary
 

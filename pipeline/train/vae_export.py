@@ -3,12 +3,12 @@
 The export is what `encode` loads (`vae.source: trained`): `AutoencoderKL.save_pretrained` output
 with `scaling_factor` = 1 / std of the latents over a sample of training images (how Stable
 Diffusion's 0.18215 was set), so scaled latents have unit variance as the DDPM prior assumes.
-The folder is uploaded first and `_COMMITTED` (with the weights' hash) written last.
+The folder is uploaded first and `_COMMITTED` (with the weights' hash) written last; reading it back
+(verified) is pipeline.models.vae's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.models.vae import export_digest
 
 
 @torch.no_grad()
@@ -46,50 +47,6 @@ def evaluate_vae(vae, images: np.ndarray, batch_size: int = 128) -> dict:
     mse = se / n
     # PSNR per image then averaged is the usual report; the pooled MSE gives a close, slightly lower value.
     return {"psnr": psnr_from_mse(mse), "mse": mse, "kl_per_dim": kl / n, "n": n}
-
-
-def load_trained_vae(cfg, checkpoint_uri: str):
-    """The AutoencoderKL with the weights of a VAE training checkpoint."""
-    from pipeline.models.vae import build_vae
-    from pipeline.train.checkpoint_store import fetch
-
-    vae, _ = build_vae(cfg.vae, cfg.run.seed, cfg.data.image_size, trainable=True, force_random=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        sd, _ = fetch(checkpoint_uri, tmp)
-    vae.load_state_dict({k.removeprefix("vae."): v for k, v in sd["model"].items()})
-    return vae.eval().requires_grad_(False)
-
-
-EXPORT_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
-"""What save_pretrained writes, for exports whose marker predates its `files` list."""
-
-
-def export_digest(folder: str, names: list[str]) -> str:
-    """The export's identity and integrity check: sha256 over (name + bytes) of each file, sorted by
-    name, first 16 hex digits (recorded in `_COMMITTED`; the latents key depends on it)."""
-    digest = hashlib.sha256()
-    for name in sorted(names):
-        with open(os.path.join(folder, name), "rb") as f:
-            digest.update(name.encode() + f.read())
-    return digest.hexdigest()[:16]
-
-
-def fetch_export(export_uri: str, local: str) -> str:
-    """Download a committed VAE export's files into `local` and verify them against `_COMMITTED`;
-    storage.CorruptArtifact if they differ. Returns `local`."""
-    marker = storage.read_json(storage.join(export_uri, storage.COMMIT_MARKER))
-    names = marker.get("files") or EXPORT_FILES
-    if any("/" in n or n.startswith(".") or not n.endswith((".json", ".safetensors")) for n in names):
-        raise storage.CorruptArtifact(f"{export_uri}: _COMMITTED lists unexpected files {names}")
-    for name in names:
-        fs, path = storage.fs_and_path(storage.join(export_uri, name))
-        fs.get(path, os.path.join(local, name))
-    if export_digest(local, names) != marker.get("sha256"):
-        raise storage.CorruptArtifact(
-            f"{export_uri}: the exported VAE's files do not match the sha256 in its _COMMITTED (corrupted or "
-            "replaced); run `python -m jobs.train_vae` again to re-export"
-        )
-    return local
 
 
 def export_vae(vae, out_uri: str, scaling_factor: float, metrics: dict) -> dict:

@@ -6,7 +6,8 @@ import time
 
 from pipeline import paths, storage
 from pipeline.train.trainer import fit
-from pipeline.train.vae_export import evaluate_vae, export_vae, latent_std, load_trained_vae
+from pipeline.models.vae import load_trained_vae
+from pipeline.train.vae_export import evaluate_vae, export_vae, latent_std
 
 
 def train_vae(cfg) -> dict:

@@ -69,7 +69,7 @@ def _assert_same_as_straight(data, cfg) -> None:
 
 def test_reference_run_spreads_over_both_nodes(data, two_nodes) -> None:
     cfg = data["cfg"]
-    from pipeline.data.encode import load_manifest
+    from pipeline.data.latents import load_manifest
 
     # Encode's two actors: one on each node. The pool starts both before giving out shards
     # (devices.start_whole_pool); before that, the first actor up could take every shard of this tiny

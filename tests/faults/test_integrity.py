@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline import config, storage
-from pipeline.train import checkpoint_store
-from pipeline.train.checkpoint import (
+from pipeline import checkpoint_store
+from pipeline.checkpoint import (
     MANIFEST_FILE,
     STATE_FILE,
     TENSORS_FILE,
@@ -79,7 +79,7 @@ def test_a_crafted_pickle_never_runs(tmp_path, s3):
         load_checkpoint(str(forged))
     assert [s for s, _ in checkpoint_store.candidates(run_uri)] == [100]  # the old format is not even listed
     assert checkpoint_store.load_newest_trusted(run_uri) is None  # what training and generate call
-    from pipeline.eval.generate import load_ema_denoiser
+    from pipeline.models.denoiser import load_ema_denoiser
 
     with pytest.raises(IncompleteCheckpoint):  # the generator actor's loader, pointed at it directly
         load_ema_denoiser(_cfg(), MANIFEST, f"{run_uri}/checkpoint_00000099")
@@ -200,7 +200,7 @@ def test_non_finite_latents_are_rejected():
 def test_latent_files_must_match_the_commit_marker(tmp_path):
     """Training reads exactly the parquet files `_COMMITTED` lists: one lost, truncated or added since
     is refused with the folder named (here on a hand-built latents folder)."""
-    from pipeline.data.encode import committed_files
+    from pipeline.data.latents import committed_files
 
     root = tmp_path / "latents"
     (root / "train").mkdir(parents=True)

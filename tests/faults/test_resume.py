@@ -78,8 +78,8 @@ def _train_checkpoint(cfg, manifest: dict) -> None:
 
     import torch
 
-    from pipeline.data.encode import load_null_text, read_latents
-    from pipeline.train import checkpoint_store
+    from pipeline.data.latents import load_null_text, read_latents
+    from pipeline import checkpoint_store
     from pipeline.train.loop import latest_local_checkpoint, train_locally
     from pipeline.train.trainer import latest_checkpoint_uri, run_uri
 
@@ -199,7 +199,9 @@ def test_killed_encode_loses_only_in_flight_shards(chain, ray_cluster, tmp_path)
     before = _mtimes(out, done_latents)
     time.sleep(1.1)  # LastModified has a resolution of 1 s: a rewrite from now on shows as a later one
 
-    from pipeline.data.encode import encode, read_latents
+    from pipeline.data.encode import encode
+
+    from pipeline.data.latents import read_latents
 
     manifest = encode(cfg)  # the rerun, in this process (no second interpreter to start)
     # (a) The done shards were kept, not encoded again: counted, and their files untouched.
@@ -274,7 +276,7 @@ def test_killed_generate_resumes_by_image_index(chain, ray_cluster, tmp_path):
 def test_a_corrupted_done_shard_is_encoded_again(tmp_path, capsys):
     """A done record is trusted only while it is true: a latent file bit-flipped, deleted, or a record of
     another encoder each make the shard be encoded again (said loudly), to the same bytes."""
-    from pipeline.data.encode import list_split_shards
+    from pipeline.data.readers import list_split_shards
     from pipeline.data.encode_shard import EncodeShard, output_names
     from pipeline.data.ingest import ingest
 

@@ -205,7 +205,7 @@ def test_checkpoint_upload_and_load_through_faults(s3, proxy, monkeypatch, tmp_p
     files are the saved ones, byte for byte."""
     import torch
 
-    from pipeline.train import checkpoint, checkpoint_store
+    from pipeline import checkpoint, checkpoint_store
 
     run_uri = f"{s3.uri}/faults-{uuid.uuid4().hex[:8]}/checkpoints/run"
     _use(monkeypatch, proxy.endpoint, timeout_s=10, max_attempts=4)
@@ -267,7 +267,7 @@ def _store_a_checkpoint(cfg, manifest: dict) -> None:
 
     import torch
 
-    from pipeline.train import checkpoint_store
+    from pipeline import checkpoint_store
     from pipeline.train.loop import latest_local_checkpoint, train_locally
     from pipeline.train.trainer import run_uri
 

@@ -10,7 +10,7 @@ Nothing here unpickles: safetensors and JSON can only ever produce tensors, numb
 lists and dicts, so a hostile file in the bucket cannot run code. `load_checkpoint` verifies every
 file against the manifest (size, then sha256) before reading it, so a truncated or bit-flipped file
 raises `IncompleteCheckpoint` instead of being trained on; callers then fall back to an older one
-(`pipeline.train.checkpoint_store.load_newest_trusted`). No non-finite tensor is ever written.
+(`pipeline.checkpoint_store.load_newest_trusted`). No non-finite tensor is ever written.
 """
 
 from __future__ import annotations
@@ -194,29 +194,3 @@ def load_checkpoint(folder: str, map_location: str | torch.device = "cpu") -> tu
     except Exception as e:  # hashes matched, yet the content is not ours: never trusted either
         raise IncompleteCheckpoint(f"{folder}: its files match the manifest but do not parse ({type(e).__name__}: {e})") from None
     return state, manifest
-
-
-RESUME_SECTIONS = {"denoiser": ("schedule", "denoiser", "text_encoder", "vae"), "vae": ("vae",)}
-"""Config sections a checkpoint's weights depend on, per task: resuming under different values would
-silently continue a different model (e.g. a denoiser trained on another noise schedule)."""
-
-
-RESUME_KEYS = {"denoiser": (("run", "seed"), ("train", "batch_size")), "vae": (("run", "seed"), ("vae_train", "batch_size"))}
-"""Single keys that fix which samples each step takes (pipeline.train.data): the checkpoint's data
-position (epoch, batches consumed) means nothing under another seed or batch size. The worker count
-may change (the global batches stay the same)."""
-
-
-def resume_conflicts(saved_cfg: dict, cfg_dict: dict, task: str) -> list[str]:
-    """`section.key: checkpoint X, config Y` for each RESUME_SECTIONS[task] / RESUME_KEYS[task] value that differs."""
-    out = []
-    for section, key in RESUME_KEYS[task]:
-        old, new = saved_cfg.get(section, {}).get(key), cfg_dict.get(section, {}).get(key)
-        if old != new:
-            out.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
-    for section in RESUME_SECTIONS[task]:
-        old, new = saved_cfg.get(section, {}), cfg_dict.get(section, {})
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                out.append(f"{section}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
-    return out

@@ -24,7 +24,7 @@ import tempfile
 import uuid
 
 from pipeline import storage
-from pipeline.train.checkpoint import (
+from pipeline.checkpoint import (
     MANIFEST_FILE,
     IncompleteCheckpoint,
     check_manifest_format,
