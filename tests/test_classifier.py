@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.data.sources import (
+from pipeline.data.sources.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     FASHION_MNIST_TEMPLATES,

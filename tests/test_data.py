@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline import config, storage
 from pipeline.data import decode, ingest, schema, shards, sources
+from pipeline.data.sources import fashion_mnist, openmoji
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -292,7 +293,7 @@ def test_emoji_counts_and_split_are_disjoint():
     n_test = sources.count_source("emoji", "test")
     assert n_train > 1000 and 100 < n_test < n_train
     assert 1500 < n_train + n_test < 2500  # ~1,900 without skin tones
-    assert sources.count_emoji("train", include_skin_tones=True) > 3000
+    assert openmoji.count_emoji("train", include_skin_tones=True) > 3000
 
 
 def test_emoji_samples_render():
@@ -314,14 +315,14 @@ def test_emoji_samples_render():
 
 
 def test_emoji_known_names():
-    assert sources.emoji_caption_name("\U0001F600", ":grinning_face:") == "grinning face"
-    assert sources.emoji_caption_name("\U0001F1FA\U0001F1F8", ":United_States:") == "flag of United States"
-    assert sources.emoji_key("\U0001F600") == "emoji_1f600"
-    names = {name for _, name in sources._emoji_catalogue(sources.emoji_font_path(), False)}
+    assert openmoji.emoji_caption_name("\U0001F600", ":grinning_face:") == "grinning face"
+    assert openmoji.emoji_caption_name("\U0001F1FA\U0001F1F8", ":United_States:") == "flag of United States"
+    assert openmoji.emoji_key("\U0001F600") == "emoji_1f600"
+    names = {name for _, name in openmoji._emoji_catalogue(openmoji.emoji_font_path(), False)}
     assert {"grinning face", "red heart", "cat face", "pizza"} <= names
     assert not any("skin tone" in n for n in names)
     # render one known emoji: a yellow face
-    img = sources.render_emoji("\U0001F600", size=32)
+    img = openmoji.render_emoji("\U0001F600", size=32)
     rgb = np.asarray(img)[..., :3][np.asarray(img)[..., 3] > 200]
     assert rgb[:, 0].mean() > 150 and rgb[:, 1].mean() > 120  # yellowish
 
@@ -346,7 +347,7 @@ def test_emoji_renders_of_chosen_emoji():
     by_render = {(m["name"], m["render"]): np.asarray(Image.open(io.BytesIO(d))) for _, d, _, m in train + test}
     fire = [by_render[("fire", r)] for r in range(12)]
     # render 0 is the plain glyph; the others are moved, so no two renders share their pixels
-    assert np.array_equal(fire[0], np.asarray(sources.render_emoji("\U0001F525", size=32)))
+    assert np.array_equal(fire[0], np.asarray(openmoji.render_emoji("\U0001F525", size=32)))
     diffs = [np.abs(a.astype(int) - b.astype(int)).mean() for i, a in enumerate(fire) for b in fire[i + 1:]]
     assert min(diffs) > 1.0
     # ...but each stays the same emoji: nearer its own plain glyph than the other emoji's
@@ -374,7 +375,7 @@ def test_unknown_emoji_name_is_a_clear_error(tmp_path):
 
 
 def test_fashion_mnist_counts_and_first_sample():
-    if not os.path.exists(os.path.join(sources.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")):
+    if not os.path.exists(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")):
         pytest.skip("Debian package dataset-fashion-mnist not installed")
     assert sources.count_source("fashion_mnist", "train") == 60000
     assert sources.count_source("fashion_mnist", "test") == 10000

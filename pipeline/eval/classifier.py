@@ -49,7 +49,7 @@ CLASSIFIER_RECIPE = "fmnist-smallcnn/luma/3x(conv-bn-relu-pool)-fc/adamw-onecycl
 CACHE_FORMAT = 2
 
 # The 10 Fashion-MNIST classes as the source's captions spell them (lower-cased class names,
-# index = label): see pipeline.data.sources.FASHION_MNIST_CLASSES / fashion_mnist_caption.
+# index = label): see pipeline.data.fashion_mnist.FASHION_MNIST_CLASSES / fashion_mnist_caption.
 CLASS_NAMES: tuple[str, ...] = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -108,7 +108,7 @@ def fashion_arrays(
     decoded by the pipeline's ``decode_image`` (RGB, Lanczos resize 28 -> size): the pixels the
     generator is trained on."""
     from pipeline.data.decode import decode_image
-    from pipeline.data.sources import iter_fashion_mnist
+    from pipeline.data.sources.fashion_mnist import iter_fashion_mnist
 
     images, labels, captions = [], [], []
     for _key, png, caption, meta in iter_fashion_mnist(split, limit, root=root):

