@@ -86,7 +86,7 @@ def run(cfg, run_dir: str, nodes: int = 1) -> dict:
         train = timed("train", lambda: fit(cfg))
         gen = timed("generate+fid", lambda: generate_and_evaluate(cfg, report=False))
         if cfg.eval.report:
-            from pipeline.eval.run_report import build_report
+            from pipeline.eval.report.build import build_report
 
             build_report(cfg, gen, stages, out_uris=(os.path.join(run_dir, "report"),))
     with open(os.path.join(run_dir, "grid.png"), "wb") as f:

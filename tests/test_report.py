@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.eval.report import (
+from pipeline.eval.report.render import (
     PALETTE,
     captioned_grid,
     config_block,

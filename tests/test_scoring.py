@@ -19,7 +19,7 @@ from pipeline import config, paths, storage
 from pipeline.data.shards import build_tar
 from pipeline.eval import fid, scoring
 from pipeline.eval.batches import image_name
-from pipeline.eval.report import png_bytes
+from pipeline.eval.report.render import png_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

@@ -103,7 +103,7 @@ class BatchGenerator(Generator):
 
     def __call__(self, row: dict) -> dict:
         from pipeline.eval import batches
-        from pipeline.eval.report import png_bytes
+        from pipeline.eval.report.render import png_bytes
 
         job = json.loads(str(row["job"][0]))
         out, k, start, stop = job["out"], job["batch"], job["start"], job["stop"]
@@ -253,7 +253,7 @@ def _commit(cfg, checkpoint_uri: str, plan: dict, seconds: float) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.eval.report import image_grid, png_bytes, spread_pick
+    from pipeline.eval.report.render import image_grid, png_bytes, spread_pick
 
     s, out, bounds = plan["set"], plan["out"], plan["bounds"]
     g, n = s.settings, s.settings.num_images

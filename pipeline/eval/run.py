@@ -157,7 +157,7 @@ def run(cfg, report: bool = True) -> dict:
     out["eval"] = ev
     out["encoders"] = {"text_encoder": manifest["text_encoder"], "vae": manifest["vae"]}
     if report and cfg.eval.report:
-        from pipeline.eval.run_report import build_report
+        from pipeline.eval.report.build import build_report
 
         out["report"] = build_report(cfg, out)
         print(f"report: {out['report'][0]}")

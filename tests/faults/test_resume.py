@@ -329,7 +329,7 @@ def test_generate_keeps_only_batches_that_verify(tmp_path, capsys):
     """batches.py on hand-written batches: kept while record and PNGs agree; a changed PNG, or another
     identity, is not kept (the latter removes the old images)."""
     from pipeline.eval import batches
-    from pipeline.eval.report import png_bytes
+    from pipeline.eval.report.render import png_bytes
 
     out = str(tmp_path / "gen")
     identity = {"format": 1, "sampler": "ddim", "steps": 4}

@@ -1,4 +1,5 @@
-"""Pictures for people: PNG encoding and sample grids."""
+"""Pictures and text for people: PNG encoding, sample grids, captioned grids, reconstructions
+side by side (PIL), line charts (matplotlib), markdown tables and the report folder."""
 
 from __future__ import annotations
 
@@ -52,16 +53,12 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, scale
     return grid
 
 
-# --------------------------------------------------------------------------------------------
-# Charts, captioned grids, tables and a markdown report (pure functions; I/O via pipeline.storage)
-# --------------------------------------------------------------------------------------------
-
 # matplotlib's tab10: distinct, colour-blind tolerable, readable on white.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
 )
-_BLACK, _GREY, _GRID, _WHITE = (0, 0, 0), (90, 90, 90), (228, 228, 228), (255, 255, 255)
+_BLACK, _WHITE = (0, 0, 0), (255, 255, 255)
 
 
 def _font(size: float):
@@ -96,80 +93,6 @@ def _draw_text(draw, xy: tuple[float, float], text: str, font, fill=_BLACK, anch
     draw.text(xy, drawable(text), fill=fill, font=font, anchor=anchor)
 
 
-def _nice_step(span: float, target: int) -> float:
-    raw = span / max(1, target)
-    mag = 10.0 ** math.floor(math.log10(raw))
-    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
-        if raw <= m * mag * (1 + 1e-9):
-            return m * mag
-    return 10.0 * mag
-
-
-def _linear_ticks(lo: float, hi: float, target: int = 6) -> tuple[float, float, list[float]]:
-    """A 'nice' axis range covering [lo, hi] and the ticks on it."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    if hi <= lo:
-        half = abs(lo) * 0.1 or 0.5
-        lo, hi = lo - half, hi + half
-    step = _nice_step(hi - lo, target)
-    start, end = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
-    n = int(round((end - start) / step))
-    ticks = [start + i * step for i in range(n + 1)]
-    return start, end, [0.0 if abs(t) < step * 1e-9 else t for t in ticks]
-
-
-def _log_ticks(lo: float, hi: float) -> tuple[float, float, list[float]]:
-    """Axis range in log10 units (the data's, padded a little) and the tick values on it:
-    1-2-5 multiples for up to ~2.5 decades, decades (thinned to at most 8) beyond."""
-    llo, lhi = math.log10(lo), math.log10(hi)
-    if lhi - llo < 1e-12:
-        llo, lhi = llo - 0.5, lhi + 0.5
-    pad = 0.04 * (lhi - llo)
-    llo, lhi = llo - pad, lhi + pad
-    d0, d1 = math.floor(llo), math.ceil(lhi)
-    mults = (1, 2, 5) if lhi - llo <= 2.5 else (1,)
-    cands = [m * 10.0 ** d for d in range(d0, d1 + 1) for m in mults]
-    ticks = [t for t in cands if llo - 1e-9 <= math.log10(t) <= lhi + 1e-9]
-    if len(ticks) > 8:
-        every = math.ceil(len(ticks) / 8)
-        ticks = ticks[::every]
-    if len(ticks) < 2:  # a narrow range between two 1-2-5 values: widen to the neighbours
-        lo_t = max([t for t in cands if math.log10(t) <= llo] or [10.0 ** d0])
-        hi_t = min([t for t in cands if math.log10(t) >= lhi] or [10.0 ** d1])
-        llo, lhi = min(llo, math.log10(lo_t)), max(lhi, math.log10(hi_t))
-        ticks = [t for t in cands if llo - 1e-9 <= math.log10(t) <= lhi + 1e-9]
-    return llo, lhi, ticks
-
-
-def _fmt_tick(v: float, step: float | None = None) -> str:
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if a >= 1e5 or a < 1e-3:
-        s = f"{v:.2e}".replace("e+0", "e").replace("e-0", "e-").replace("e+", "e")
-        mant, exp = s.split("e")
-        mant = mant.rstrip("0").rstrip(".")
-        return f"{mant}e{exp}"
-    if step is not None and step > 0:
-        decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-        if abs(step * 10 ** decimals - round(step * 10 ** decimals)) > 1e-6:  # e.g. 2.5 steps
-            decimals += 1
-        return f"{v:.{decimals}f}"
-    return f"{v:.4g}"
-
-
-def _finite_points(points) -> list[tuple[float, float]]:
-    out = []
-    for p in points or []:
-        try:
-            x, y = float(p[0]), float(p[1])
-        except (TypeError, ValueError, IndexError):
-            continue
-        out.append((x, y))
-    return out
-
-
 def line_chart(
     series: dict[str, list[tuple[float, float]]],
     *,
@@ -180,135 +103,59 @@ def line_chart(
     height: int = 360,
     log_y: bool = False,
 ) -> np.ndarray:
-    """A line chart as uint8 HxWx3: axes, numeric ticks, light grid, a legend at the right.
+    """A line chart (matplotlib, Agg) as uint8 height x width x 3, the legend outside the axes.
 
     `series` maps a name to (x, y) points (e.g. {"loss": [(step, loss), ...]}). Non-finite points
     (NaN, inf, and with `log_y` anything <= 0) break the line instead of being drawn; a point with
     no drawable neighbour gets a dot. Empty series still get a legend entry marked "(no data)".
     """
-    from PIL import Image, ImageDraw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    img = Image.new("RGB", (int(width), int(height)), _WHITE)
-    draw = ImageDraw.Draw(img)
-    f_tick, f_label, f_title = _font(11), _font(12), _font(14)
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(fig)  # Agg on the figure itself: no pyplot, no global backend, no display
+    ax = fig.add_subplot()
+    drawn = False
+    for i, (name, points) in enumerate(series.items()):
+        colour = tuple(c / 255 for c in PALETTE[i % len(PALETTE)])
+        x, y = _points(points, log_y)
+        ok = np.isfinite(y)
+        lonely = ok & ~np.r_[False, ok[:-1]] & ~np.r_[ok[1:], False]  # no finite neighbour: a dot
+        label = drawable(str(name)) + ("" if ok.any() else " (no data)")
+        ax.plot(x, y, color=colour, linewidth=2, label=label)
+        if lonely.any():
+            ax.plot(x[lonely], y[lonely], "o", color=colour, markersize=5)
+        drawn |= bool(ok.any())
+    if log_y and drawn:
+        ax.set_yscale("log")
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.35")
+    ax.set_title(drawable(title), fontsize=11)
+    ax.set_xlabel(drawable(xlabel), fontsize=9)
+    ax.set_ylabel(drawable(ylabel), fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, color="0.9", linewidth=0.8)
+    if series:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout(pad=0.6)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba(), dtype=np.uint8)[..., :3].copy()
 
-    # Clean the data: keep order, mark unusable points as None so lines break there.
-    cleaned: dict[str, list[tuple[float, float] | None]] = {}
-    for name, pts in series.items():
-        row: list[tuple[float, float] | None] = []
-        for x, y in _finite_points(pts):
-            ok = math.isfinite(x) and math.isfinite(y) and (not log_y or y > 0)
-            row.append((x, y) if ok else None)
-        cleaned[str(name)] = row
-    xs = [p[0] for row in cleaned.values() for p in row if p is not None]
-    ys = [p[1] for row in cleaned.values() for p in row if p is not None]
-    has_data = bool(xs)
 
-    # Ranges and ticks.
-    x_lo, x_hi, x_ticks = _linear_ticks(min(xs) if xs else 0.0, max(xs) if xs else 1.0, target=6)
-    if log_y and ys:
-        y_lo, y_hi, y_ticks = _log_ticks(min(ys), max(ys))
-        y_tick_pos = [math.log10(t) for t in y_ticks]
-        y_labels = [_fmt_tick(t) for t in y_ticks]
-    else:
-        y_lo, y_hi, y_ticks = _linear_ticks(min(ys) if ys else 0.0, max(ys) if ys else 1.0, target=5)
-        y_tick_pos = y_ticks
-        ystep = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else None
-        y_labels = [_fmt_tick(t, ystep) for t in y_ticks]
-    xstep = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else None
-    x_labels = [_fmt_tick(t, xstep) for t in x_ticks]
-
-    # Layout: title on top, y label (rotated) + tick labels left, x tick labels + label below,
-    # legend in its own column at the right so it never covers the lines.
-    names = list(cleaned)
-    legend_text = [n if any(p is not None for p in cleaned[n]) else f"{n} (no data)" for n in names]
-    swatch = 18
-    legend_w = (max((_text_size(draw, t, f_label)[0] for t in legend_text), default=0) + swatch + 16) if names else 0
-    legend_w = min(legend_w, int(width * 0.35))
-    title_h = _text_size(draw, title or "Ag", f_title)[1] if title else 0
-    label_h = _text_size(draw, "Ag", f_label)[1]
-    tick_h = _text_size(draw, "0", f_tick)[1]
-    ytick_w = max((_text_size(draw, s, f_tick)[0] for s in y_labels), default=0)
-
-    left = 8 + (label_h + 8 if ylabel else 0) + ytick_w + 8
-    right = width - 10 - legend_w
-    top = 10 + (title_h + 12 if title else 4)
-    bottom = height - 8 - (label_h + 8 if xlabel else 0) - tick_h - 10
-    right = max(right, left + 10)
-    bottom = max(bottom, top + 10)
-
-    def px(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * (right - left)
-
-    def py(y: float) -> float:
-        v = math.log10(y) if log_y else y
-        return bottom - (v - y_lo) / (y_hi - y_lo) * (bottom - top)
-
-    def py_pos(pos: float) -> float:
-        return bottom - (pos - y_lo) / (y_hi - y_lo) * (bottom - top)
-
-    # Grid + ticks.
-    for t, lab in zip(x_ticks, x_labels):
-        x = px(t)
-        draw.line([(x, top), (x, bottom)], fill=_GRID)
-        draw.line([(x, bottom), (x, bottom + 4)], fill=_BLACK)
-        _draw_text(draw, (x, bottom + 6), lab, f_tick, _GREY, anchor="mt")
-    for pos, lab in zip(y_tick_pos, y_labels):
-        y = py_pos(pos)
-        draw.line([(left, y), (right, y)], fill=_GRID)
-        draw.line([(left - 4, y), (left, y)], fill=_BLACK)
-        _draw_text(draw, (left - 6, y), lab, f_tick, _GREY, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline=_BLACK)
-
-    # Lines (clipped to the plot box by construction: ranges cover all data).
-    for i, name in enumerate(names):
-        colour = PALETTE[i % len(PALETTE)]
-        row = cleaned[name]
-        runs: list[list[tuple[float, float]]] = [[]]
-        for p in row:
-            if p is None:
-                if runs[-1]:
-                    runs.append([])
-            else:
-                runs[-1].append((px(p[0]), py(p[1])))
-        for run in runs:
-            if len(run) >= 2:
-                draw.line(run, fill=colour, width=2, joint="curve")
-            elif len(run) == 1:
-                x, y = run[0]
-                draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour)
-
-    if not has_data:
-        _draw_text(draw, ((left + right) / 2, (top + bottom) / 2), "no data", f_label, _GREY, anchor="mm")
-
-    # Title and axis labels.
-    if title:
-        _draw_text(draw, ((left + right) / 2, 10), title, f_title, anchor="ma")
-    if xlabel:
-        _draw_text(draw, ((left + right) / 2, height - 8), xlabel, f_label, anchor="md")
-    if ylabel:
-        tw, th = _text_size(draw, ylabel, f_label)
-        tmp = Image.new("RGB", (tw + 4, th + 6), _WHITE)
-        ImageDraw.Draw(tmp).text((2, 1), ylabel, fill=_BLACK, font=f_label)
-        rot = tmp.rotate(90, expand=True)
-        img.paste(rot, (8, int((top + bottom) / 2 - rot.height / 2)))
-
-    # Legend: one row per series, colour swatch then name, in the right-hand column.
-    if names:
-        lx = right + 12
-        ly = top + 2
-        row_h = max(label_h, 8) + 6
-        for i, text in enumerate(legend_text):
-            if ly + row_h > height:
-                break
-            colour = PALETTE[i % len(PALETTE)]
-            cy = ly + row_h / 2
-            draw.line([(lx, cy), (lx + swatch - 4, cy)], fill=colour, width=3)
-            avail = width - (lx + swatch) - 4
-            _draw_text(draw, (lx + swatch, cy), _truncate(draw, text, f_label, avail), f_label, anchor="lm")
-            ly += row_h
-
-    return np.asarray(img, dtype=np.uint8)
+def _points(points, log_y: bool) -> tuple[np.ndarray, np.ndarray]:
+    """x and y as float arrays, unusable y (and unparsable points) as NaN so the line breaks there."""
+    xs, ys = [], []
+    for p in points or []:
+        try:
+            x, y = float(p[0]), float(p[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if not (math.isfinite(x) and math.isfinite(y)) or (log_y and y <= 0):
+            y = math.nan
+        xs.append(x if math.isfinite(x) else math.nan)
+        ys.append(y)
+    return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
 
 
 def _truncate(draw, text: str, font, max_w: float) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import paths, storage
-from pipeline.eval import report as rp
+from pipeline.eval.report import render as rp
 
 
 def _history(cfg, task: str) -> list[dict]:
