@@ -12,24 +12,18 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from urllib.parse import urlparse
 
 from pipeline import cli, storage
+from pipeline.signals import sigterm_raises_exit
 
 
 def _bucket(cfg) -> str:
     if storage.scheme(cfg.run.storage) == "s3":
         return urlparse(cfg.run.storage).netloc
     return "rld"
-
-
-def _stop_on_sigterm(signum, frame):
-    # `ray job stop`, `timeout` and `kill` send SIGTERM: turn it into an exception so the
-    # context managers below stop SeaweedFS and the Ray head instead of orphaning them.
-    raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -42,23 +36,25 @@ def local_driver(cfg, run_dir: str, nodes: int = 1):
     # Read by Ray at import: makes this driver, too, use 127.0.0.1 rather than the machine's address.
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    import ray
+    # `ray job stop`, `timeout` and `kill` send SIGTERM: as an exception, it lets the context managers
+    # below stop SeaweedFS and the Ray head instead of orphaning them (from before Ray is imported).
+    with sigterm_raises_exit():
+        import ray
 
-    from pipeline.dev.services import local_services
+        from pipeline.dev.services import local_services
 
-    # Several nodes share the machine's CPUs (at least one Ray CPU each): the point is several raylets
-    # that can fail apart, as on a cluster, not more compute.
-    cpus = max(1, (os.cpu_count() or 2) // nodes) if nodes > 1 else None
-    with local_services(run_dir, bucket=_bucket(cfg), nodes=nodes, num_cpus=cpus) as (s3, head):
-        print(f"local S3 at {s3.endpoint} (bucket {s3.bucket}), Ray head at {head.address}"
-              + (f" with {nodes - 1} more node(s)" if nodes > 1 else "") + f", dashboard {head.dashboard_url}", flush=True)
-        head.connect(log_to_driver=True, logging_level=logging.INFO)
-        try:
-            cli.prepare_storage(cfg)
-            yield s3, head
-        finally:
-            ray.shutdown()
+        # Several nodes share the machine's CPUs (at least one Ray CPU each): the point is several raylets
+        # that can fail apart, as on a cluster, not more compute.
+        cpus = max(1, (os.cpu_count() or 2) // nodes) if nodes > 1 else None
+        with local_services(run_dir, bucket=_bucket(cfg), nodes=nodes, num_cpus=cpus) as (s3, head):
+            print(f"local S3 at {s3.endpoint} (bucket {s3.bucket}), Ray head at {head.address}"
+                  + (f" with {nodes - 1} more node(s)" if nodes > 1 else "") + f", dashboard {head.dashboard_url}", flush=True)
+            head.connect(log_to_driver=True, logging_level=logging.INFO)
+            try:
+                cli.prepare_storage(cfg)
+                yield s3, head
+            finally:
+                ray.shutdown()
 
 
 def run(cfg, run_dir: str, nodes: int = 1) -> dict:

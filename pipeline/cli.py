@@ -84,7 +84,7 @@ def connect_ray(address: str | None = None) -> None:
     if target is None:
         raise RuntimeError("no Ray cluster address: pass --ray-address or set RAY_ADDRESS, "
                            "or use `with cli.ray_session():` to start a private local cluster")
-    from pipeline.dev.ray_head import reclaim_sigterm
+    from pipeline.signals import reclaim_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
     ray.init(address=target, log_to_driver=True, runtime_env=runtime_env())

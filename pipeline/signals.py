@@ -1,4 +1,12 @@
-"""Ctrl-C keeps working around libraries that take SIGINT over (Ray Train's `TorchTrainer.fit()`).
+"""Signals a driver must keep handling around Ray: the one home of SIGTERM and SIGINT handling.
+
+SIGTERM (`ray job stop`, `timeout`, `kill`, schedulers) must end a driver through its `finally`
+blocks, so the services it started are stopped and nothing half-written is left trusted:
+
+    with sigterm_raises_exit():     # SIGTERM -> SystemExit(143) in the main thread
+        ... ray.init(...); reclaim_sigterm(before)   # Ray's C++ handler would kill us on the spot
+
+Ctrl-C keeps working around libraries that take SIGINT over (Ray Train's `TorchTrainer.fit()`).
 
 Ray Train 2.60 (Train V2) installs its own SIGINT handler in the driver when `fit()` starts and never
 restores the previous one. Its handler asks the training controller to abort; once training is
@@ -21,6 +29,42 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def sigterm_raises_exit() -> Iterator[None]:
+    """While inside, SIGTERM raises SystemExit(128 + 15) in the main thread instead of killing us outright.
+
+    By default Python dies of SIGTERM without running `finally` blocks, leaving the services running.
+    Only the default handler is replaced (a caller's own handler, e.g. an outer `sigterm_raises_exit`,
+    stays), and it is restored on exit; off the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def _raise(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def reclaim_sigterm(before=None) -> None:
+    """Call after ray.init(): give SIGTERM back to a Python handler (`before`, the one in place
+    before ray.init, if it was a Python function; else the sys.exit one ray.init set).
+
+    A driver's core worker installs Ray's C++ failure-signal handler for SIGTERM over Python's.
+    A SIGTERM then prints "*** SIGTERM received" and ends the process on the spot, skipping every
+    `finally` block, so the S3 server and Ray head we started kept running after `kill`.
+    Installing a Python handler again puts the cleanup back. Only possible from the main thread.
+    """
+    handler = before if callable(before) else signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread() and callable(handler):
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _drain(fd: int) -> bytes:

@@ -245,7 +245,7 @@ def test_sigterm_stops_the_server(tmp_path) -> None:
     script = (
         "import sys, time\n"
         "from pipeline.dev.s3 import SeaweedS3\n"
-        "from pipeline.dev.services import sigterm_raises_exit\n"
+        "from pipeline.signals import sigterm_raises_exit\n"
         "with sigterm_raises_exit(), SeaweedS3(sys.argv[1]) as s3:\n"
         "    print(s3.pid, flush=True)\n"
         "    time.sleep(120)\n"

@@ -6,13 +6,14 @@ work runs on a Ray head started with `ray start --head`, so that `ray job submit
 server lives in the dashboard; an in-process `ray.init()` cluster has none).
 
 Modules:
-    services    local_services (S3 + Ray head), local_ray (a head alone), guarded_run_dir,
-                sigterm_raises_exit: what a driver uses
+    services    local_services (S3 + Ray head), local_ray (a head alone), guarded_run_dir:
+                what a driver uses (SIGTERM handling: pipeline.signals)
     s3          SeaweedS3, find_weed
-    ray_head    LocalRay, wait_job_server, RayAuthError, reclaim_sigterm, RAY_ENV_DEFAULTS
+    ray_head    LocalRay, wait_job_server, RayAuthError, RAY_ENV_DEFAULTS
     watchdog    RUN_DIR/services.json (RunLock) and the watchdog process that stops a killed
                 driver's services (also run as a script: python pipeline/dev/watchdog.py)
-    processes   free ports, environment patches, process groups, HTTP probes, stale sockets
+    processes   free ports, environment patches, process groups and sessions (psutil), HTTP probes,
+                stale sockets
 
 Why this package is careful about processes:
 - Both services are started in their own session (`start_new_session=True`): Ctrl-C in the terminal

@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Mapping
 from types import TracebackType
 
-from pipeline.dev.processes import log_tail
+from pipeline.dev.processes import log_tail, session_members
 from pipeline.dev.ray_head import LocalRay, stop_ray_processes
 
 logger = logging.getLogger(__name__)
@@ -39,21 +39,6 @@ def node_host(index: int) -> str:
     if not 0 <= index < 250:
         raise ValueError(f"node index {index} out of range (0..249)")
     return f"127.0.0.{2 + index}"
-
-
-def session_members(sid: int) -> list[int]:
-    """Live processes of session `sid`: a node's raylet, agents and Ray workers (which have process
-    groups of their own but stay in the session of the `ray start` that made the node)."""
-    import psutil
-
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            pass
-    return out
 
 
 def kill_session(sid: int, timeout: float = 10.0) -> list[int]:

@@ -1,5 +1,5 @@
-"""Low-level helpers of local mode: free ports, environment patches, process groups, HTTP probes,
-stale unix sockets. Standard library only (psutil where /proc is missing)."""
+"""Low-level helpers of local mode: free ports, environment patches, process groups and sessions
+(psutil), HTTP probes, stale unix sockets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import stat
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+
+import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -130,55 +132,35 @@ def remove_stale_sockets(paths: Iterable[str] = (), patterns: Iterable[str] = ()
 # ----------------------------------------------------------------------------------- process groups
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, process group) of `pid` from /proc, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return None
-    # The name (field 2) is in parentheses and may contain spaces: split after the last ')'.
-    fields = data[data.rindex(")") + 2 :].split()
-    return fields[0], int(fields[2])
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group `pgid`.
-
-    Zombies are skipped: in some containers PID 1 does not reap orphans, and a zombie holds no port,
-    file or memory. Uses /proc where it exists, else psutil.
-    """
-    if os.path.isdir("/proc/self"):
-        out = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                st = _proc_stat(int(name))
-                if st is not None and st[1] == pgid and st[0] not in ("Z", "X"):
-                    out.append(int(name))
-        return out
-    import psutil
-
+def _members(same: Callable[[int], bool]) -> list[int]:
+    """Live (non-zombie) processes `same(pid)` says belong. Zombies are skipped: in some containers
+    PID 1 does not reap orphans, and a zombie holds no port, file or memory."""
     out = []
-    for p in psutil.process_iter():
+    for p in psutil.process_iter(["status"]):
         try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+            if p.info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) and same(p.pid):
                 out.append(p.pid)
-        except (psutil.Error, ProcessLookupError):
+        except (psutil.Error, ProcessLookupError, PermissionError):
             pass
     return out
 
 
+def process_group_members(pgid: int) -> list[int]:
+    """Live processes in process group `pgid` (a service started with start_new_session)."""
+    return _members(lambda pid: os.getpgid(pid) == pgid)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session `sid`: a Ray node's raylet, agents and workers (which have process
+    groups of their own but stay in the session of the `ray start` that made the node)."""
+    return _members(lambda pid: os.getsid(pid) == sid)
+
+
 def process_name(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        try:
-            import psutil
-
-            return psutil.Process(pid).name()
-        except Exception:
-            return ""
+        return psutil.Process(pid).name()
+    except psutil.Error:
+        return ""
 
 
 def signal_pids(pids: list[int], sig: int) -> None:

@@ -33,6 +33,7 @@ from pipeline.dev.processes import (
     signal_pids,
     wait_gone,
 )
+from pipeline.signals import reclaim_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -390,19 +391,3 @@ def stop_ray_processes(pgid: int, timeout: float) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
         wait_gone(pgid, None, 5.0)
-
-
-def reclaim_sigterm(before=None) -> None:
-    """Call after ray.init(): give SIGTERM back to a Python handler (`before`, the one in place
-    before ray.init, if it was a Python function; else the sys.exit one ray.init set).
-
-    A driver's core worker installs Ray's C++ failure-signal handler for SIGTERM over Python's.
-    A SIGTERM then prints "*** SIGTERM received" and ends the process on the spot, skipping every
-    `finally` block, so the S3 server and Ray head we started kept running after `kill`.
-    Installing a Python handler again puts the cleanup back. Only possible from the main thread.
-    """
-    import threading
-
-    handler = before if callable(before) else signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread() and callable(handler):
-        signal.signal(signal.SIGTERM, handler)

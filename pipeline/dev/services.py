@@ -1,42 +1,18 @@
 """The context managers a driver uses: `local_services` (S3 server, then a Ray head), `local_ray` (a
 Ray head alone), both guarded against a killed driver (`guarded_run_dir`) and SIGTERM
-(`sigterm_raises_exit`). Why they are careful about processes: see the `pipeline.dev` package doc.
+(`pipeline.signals.sigterm_raises_exit`). Why they are careful about processes: see the `pipeline.dev` package doc.
 """
 
 from __future__ import annotations
 
 import contextlib
-import signal
 from collections.abc import Iterator, Mapping
 
 from pipeline.dev.cluster import LocalCluster
 from pipeline.dev.ray_head import LocalRay
 from pipeline.dev.s3 import SeaweedS3
 from pipeline.dev.watchdog import TOKEN_ENV, RunLock
-
-
-@contextlib.contextmanager
-def sigterm_raises_exit() -> Iterator[None]:
-    """While inside, SIGTERM raises SystemExit(143) in the main thread instead of killing us outright.
-
-    `timeout`, `kill` and schedulers send SIGTERM; by default Python then dies without running
-    `finally` blocks, leaving the services running. Only the default handler is replaced, and the
-    previous one is restored on exit; elsewhere than the main thread this does nothing.
-    """
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def _raise(signum: int, frame) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+from pipeline.signals import sigterm_raises_exit
 
 
 @contextlib.contextmanager

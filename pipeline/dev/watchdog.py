@@ -47,6 +47,8 @@ import time
 
 import psutil
 
+from pipeline.dev.processes import session_members
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "services.json"
@@ -452,10 +454,9 @@ class RunLock:
     def add_service(self, name: str, sid: int, ports: dict | None = None, **extra) -> None:
         """Record service `name`: its session `sid` (the pid it was started as) and its processes now."""
         procs = []
-        for p in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, OSError):
-                if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                    procs.append(identity(p))
+        for pid in session_members(sid):
+            with contextlib.suppress(psutil.Error):
+                procs.append(identity(psutil.Process(pid)))
         self.record["services"][name] = {"sid": sid, "started": time.time(), "procs": procs,
                                          "ports": dict(ports or {}), **extra}
         self._save()
