@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import storage
 from pipeline.eval import fid
 
 N_IMAGES = 24
@@ -204,35 +205,29 @@ def test_feature_stats_roundtrip():
         fid.FeatureStats.from_features(feats[:1])
 
 
-def test_cached_reference_stats(tmp_path):
-    calls = []
+def _write_stats(uri: str, stats) -> None:
+    storage.write_verified(uri, stats.to_bytes())  # what scoring.store_reference writes
 
-    def images_fn():
-        calls.append(1)
-        imgs = _structured_images(4, seed=7)
-        return iter([imgs[:2], imgs[2:]])  # an iterable of batches works too
 
+def test_cached_reference_stats_are_read_only_for_the_same_identity(tmp_path):
     uri = str(tmp_path / "cache" / "ref_stats.npz")
     identity = {"dataset": "tiny", "n": 4, "size": (32, 32)}
-    first = fid.cached_reference_stats(uri, identity, images_fn)
-    assert len(calls) == 1 and first.count == 4 and os.path.exists(uri)
+    assert fid.read_cached_stats(uri, identity) is None  # nothing cached yet
+    first = fid.FeatureStats.from_features(fid.inception_features(_structured_images(4, seed=7), 2), identity)
+    _write_stats(uri, first)
 
-    second = fid.cached_reference_stats(uri, {"size": [32, 32], "n": 4, "dataset": "tiny"}, images_fn)
-    assert len(calls) == 1  # served from the cache; key order and tuple/list do not matter
+    second = fid.read_cached_stats(uri, {"size": [32, 32], "n": 4, "dataset": "tiny"})
+    assert second is not None  # served from the cache; key order and tuple/list do not matter
     assert np.array_equal(second.mu, first.mu) and np.array_equal(second.sigma, first.sigma)
-
-    third = fid.cached_reference_stats(uri, {**identity, "n": 5}, images_fn)
-    assert len(calls) == 2 and third.identity["n"] == 5
-    assert fid.FeatureStats.from_bytes(open(uri, "rb").read()).identity["n"] == 5
+    assert fid.read_cached_stats(uri, {**identity, "n": 5}) is None  # other images: recompute
 
     # Replaced by other, well-formed statistics under the same identity (np.load's zip CRC cannot tell):
-    # the recorded hash refuses them and they are recomputed.
-    forged = fid.FeatureStats(mu=third.mu + 1.0, sigma=third.sigma, count=third.count, identity=third.identity)
+    # the recorded hash refuses them.
+    forged = fid.FeatureStats(mu=first.mu + 1.0, sigma=first.sigma, count=first.count, identity=first.identity)
     with open(uri, "wb") as f:
         f.write(forged.to_bytes())
-    assert fid.FeatureStats.from_bytes(open(uri, "rb").read()).identity == third.identity  # the fault parses
-    fourth = fid.cached_reference_stats(uri, {**identity, "n": 5}, images_fn)
-    assert len(calls) == 3 and np.array_equal(fourth.mu, third.mu)
+    assert fid.FeatureStats.from_bytes(open(uri, "rb").read()).identity == first.identity  # the fault parses
+    assert fid.read_cached_stats(uri, identity) is None
 
 
 def test_cache_with_other_recipe_is_recomputed(tmp_path):
@@ -240,16 +235,11 @@ def test_cache_with_other_recipe_is_recomputed(tmp_path):
     identity = {"dataset": "fake"}
     stale = fid.FeatureStats.from_features(np.random.default_rng(8).normal(size=(3, 2048)), identity)
     stale.recipe = "old-recipe"
-    with open(uri, "wb") as f:
-        f.write(stale.to_bytes())
-    calls = []
-
-    def images_fn():
-        calls.append(1)
-        return _structured_images(2, seed=9)
-
-    fresh = fid.cached_reference_stats(uri, identity, images_fn)
-    assert len(calls) == 1 and fresh.recipe == fid.FEATURE_RECIPE and fresh.count == 2
+    _write_stats(uri, stale)
+    assert fid.read_cached_stats(uri, identity) is None
+    stale.recipe = fid.FEATURE_RECIPE
+    _write_stats(uri, stale)
+    assert fid.read_cached_stats(uri, identity).count == 3  # the same bytes under this recipe: a hit
 
 
 # ---------------------------------------------------------------------------------- missing model

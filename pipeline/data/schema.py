@@ -107,14 +107,3 @@ class RawRecord(TypedDict):
     meta: dict | None
     source: str
     reason: str | None
-
-
-class RejectRow(TypedDict):
-    key: str
-    source: str
-    reason: str
-
-
-def reject_row(key: str, source: str, reason: str) -> RejectRow:
-    """One row of the reject table."""
-    return {KEY: key, SOURCE: source, REASON: reason}

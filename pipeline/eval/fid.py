@@ -27,7 +27,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Union
+from typing import Iterable, Union
 
 import numpy as np
 import torch
@@ -313,22 +313,6 @@ def read_cached_stats(cache_uri: str, identity: dict) -> FeatureStats | None:
     return None
 
 
-def cached_reference_stats(cache_uri: str, identity: dict, images_fn: Callable[[], Images],
-                           batch_size: int = 100, device: str | torch.device = "cpu") -> FeatureStats:
-    """Reference statistics from ``cache_uri`` when it holds the same ``identity`` and feature recipe
-    (read_cached_stats); else computed in this process from ``images_fn()`` and written there.
-
-    Reference sets are large and fixed (minutes of Inception per evaluation otherwise), while
-    the identity check keeps a changed dataset or split from silently reusing stale numbers.
-    """
-    cached = read_cached_stats(cache_uri, identity)
-    if cached is not None:
-        return cached
-    stats = FeatureStats.from_features(inception_features(images_fn(), batch_size, device), identity)
-    storage.write_verified(cache_uri, stats.to_bytes())
-    return stats
-
-
 def fid_of_moments(moments: FeatureMoments, ref_stats: FeatureStats) -> float | None:
     """FID of the images behind ``moments`` against reference statistics (None below 2 images)."""
     if moments.count < 2:
@@ -339,7 +323,8 @@ def fid_of_moments(moments: FeatureMoments, ref_stats: FeatureStats) -> float | 
 
 def fid_from_images(gen_images: Images, ref_stats: FeatureStats, batch_size: int = 100,
                     device: str | torch.device = "cpu") -> tuple[float, FeatureStats]:
-    """FID of generated uint8 images against reference statistics; also returns their stats."""
+    """FID of generated uint8 images against reference statistics, in this process; also returns their
+    stats. The single-process form the distributed one (pipeline/eval/scoring.py) is checked against."""
     gen_stats = FeatureStats.from_features(inception_features(gen_images, batch_size, device), {"kind": "generated"})
     fid = frechet_distance(gen_stats.mu, gen_stats.sigma, ref_stats.mu, ref_stats.sigma)
     return fid, gen_stats

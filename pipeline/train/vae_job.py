@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import paths, storage
+from pipeline import paths
 from pipeline.train.trainer import fit
 from pipeline.models.vae import load_trained_vae
 from pipeline.train.vae_export import evaluate_vae, export_vae, latent_std
@@ -29,7 +29,3 @@ def train_vae(cfg) -> dict:
     print(f"train_vae: held-out PSNR {held_out['psnr']:.2f} dB, KL/dim {held_out['kl_per_dim']:.4f}, "
           f"scaling factor {info['scaling_factor']:.4f} -> {paths.vae_export(cfg)}")
     return info
-
-
-def vae_is_exported(cfg) -> bool:
-    return storage.is_committed(paths.vae_export(cfg))
