@@ -505,6 +505,8 @@ def check_fields(cfg: Config) -> None:
 def check_schedule(s: ScheduleSection) -> None:
     """The schedule's fields and beta_start <= beta_end. Also run by the diffusion math on whatever
     section it is handed, so a schedule built in code gets the same errors as one from YAML."""
+    if not isinstance(s.num_train_timesteps, int) or isinstance(s.num_train_timesteps, bool):
+        raise ConfigError(f"schedule.num_train_timesteps: expected an integer, got {s.num_train_timesteps!r}")
     for f in dataclasses.fields(s):
         _check_value(f"schedule.{f.name}", getattr(s, f.name), f.metadata)
     if s.beta_schedule != "squaredcos_cap_v2" and s.beta_start > s.beta_end:  # the cosine schedule ignores both

@@ -152,6 +152,8 @@ def test_a_bad_schedule_gets_the_configs_error_from_every_entry_point():
             call(ScheduleConfig(beta_start=0.02, beta_end=1e-4))
         with pytest.raises(ValueError, match="schedule.num_train_timesteps: must be >= 2"):
             call(ScheduleConfig(num_train_timesteps=1))
+        with pytest.raises(ValueError, match="schedule.num_train_timesteps: expected an integer, got 10.5"):
+            call(ScheduleConfig(num_train_timesteps=10.5))
 
 
 def test_add_noise_is_q_sample(tables):

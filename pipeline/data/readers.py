@@ -97,6 +97,7 @@ def decode_batch(batch: dict, image_size: int) -> dict:
     return {"key": list(batch["key"]), "source": list(batch["source"]), "caption": captions,
             "image": images, "reason": reasons}
 
+
 def image_dataset(cfg, split: str = "train"):
     """Decoded usable images (columns `key`, `image`: uint8 S x S x 3) as a Ray dataset: the autoencoder's training set."""
     raw, _ = read_raw(cfg, split)

@@ -49,7 +49,7 @@ CLASSIFIER_RECIPE = "fmnist-smallcnn/luma/3x(conv-bn-relu-pool)-fc/adamw-onecycl
 CACHE_FORMAT = 2
 
 # The 10 Fashion-MNIST classes as the source's captions spell them (lower-cased class names,
-# index = label): see pipeline.data.fashion_mnist.FASHION_MNIST_CLASSES / fashion_mnist_caption.
+# index = label): see pipeline.data.sources.fashion_mnist.FASHION_MNIST_CLASSES / fashion_mnist_caption.
 CLASS_NAMES: tuple[str, ...] = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",

@@ -84,7 +84,7 @@ def run(cfg, report: bool = True) -> dict:
 
     latents_uri = paths.latents(cfg)
     manifest = load_manifest(latents_uri)
-    checkpoint = checkpoint_store.newest_trusted_uri(paths.denoiser_run(cfg))  # downloaded and verified once
+    checkpoint = checkpoint_store.newest_trusted_uri(paths.denoiser_run(cfg))  # verified here, and again by each actor
     if checkpoint is None:
         raise SystemExit(f"no complete checkpoint for run {cfg.run.name!r}: run `python -m jobs.train` first")
     ev: dict = {}

@@ -39,7 +39,8 @@ class Task:
         raise NotImplementedError
 
     def prepare(self, cfg) -> dict:
-        """On the driver, before training: what every worker needs besides the data (JSON-able)."""
+        """On the driver, before training: what every worker needs besides the data (JSON-able);
+        `note`, if set, is printed by fit."""
         return {}
 
     def data_identity(self, cfg) -> dict:
@@ -90,9 +91,8 @@ class DenoiserTask(Task):
         latents = paths.latents(cfg)
         manifest = load_manifest(latents)
         null_emb, null_mask = load_null_text(latents)
-        if manifest["untrained"]:
-            print("train: NOTE training on latents of UNTRAINED encoders (see the encode manifest)")
-        return {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist()}
+        note = "training on latents of UNTRAINED encoders (see the encode manifest)" if manifest["untrained"] else ""
+        return {"manifest": manifest, "null_emb": null_emb.tolist(), "null_mask": null_mask.tolist(), "note": note}
 
     def data_identity(self, cfg) -> dict:
         return {"latents_uri": paths.latents(cfg)}  # keyed by the VAE's weights: a retrained VAE changes it

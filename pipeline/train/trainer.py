@@ -58,7 +58,7 @@ def latest_checkpoint_uri(cfg, task: str = "denoiser") -> str | None:
     return checkpoint_store.newest_trusted_uri(run_uri(cfg, task))
 
 
-def check_resumable(cfg, task: str = "denoiser") -> None:
+def check_resumable(cfg, task: str = "denoiser", data_identity: dict | None = None) -> None:
     """Raise ConfigError if this run's latest checkpoint was trained under settings its weights depend on
     (Task.resume_sections and resume_keys, and the data it names, e.g. the latent dataset, which a
     retrained VAE changes) that differ from now: fit would otherwise resume it."""
@@ -77,7 +77,8 @@ def check_resumable(cfg, task: str = "denoiser") -> None:
         pass  # a section or key this version no longer has: compare what is there
     conflicts = t.resume_conflicts(saved, cfg.to_dict())
     old_data = info.get("data_identity") or {}
-    conflicts += [f"{k}: checkpoint {old_data[k]!r}, now {v!r}" for k, v in t.data_identity(cfg).items()
+    now = t.data_identity(cfg) if data_identity is None else data_identity
+    conflicts += [f"{k}: checkpoint {old_data[k]!r}, now {v!r}" for k, v in now.items()
                   if k in old_data and old_data[k] != v]
     if conflicts:
         raise ConfigError(
@@ -96,14 +97,17 @@ def fit(cfg, task: str = "denoiser") -> dict:
     from pipeline.train import dist
 
     t = tasks.get(task)
-    check_resumable(cfg, task)
+    data_identity = t.data_identity(cfg)  # once: what the resume check compares is what checkpoints record
+    check_resumable(cfg, task, data_identity)
     checkpoint_store.remove_incomplete(run_uri(cfg, task))
     outputs = paths.outputs(cfg)
     fit_id = uuid.uuid4().hex[:12]
     loop = t.loop(cfg)
     prepared = t.prepare(cfg)
+    if prepared.get("note"):
+        print(f"train: NOTE {prepared['note']}")
     loop_config: dict = {"cfg": cfg.to_dict(), "task": task, "prepared": prepared,
-                         "data_identity": t.data_identity(cfg), "run_uri": run_uri(cfg, task), "fit_id": fit_id,
+                         "data_identity": data_identity, "run_uri": run_uri(cfg, task), "fit_id": fit_id,
                          "history_uri": storage.join(outputs, f"{task}_metrics.json"),
                          "result_uri": storage.join(outputs, f"{task}_result.json"),
                          "starts_uri": starts_uri(cfg, task),
