@@ -182,6 +182,16 @@ class DenoiserSection:
     """How many of the lowest-resolution levels carry cross-attention to the text."""
     norm_num_groups: int = field(default=16, metadata=_at_least(1))
     """GroupNorm groups (must divide every block's channels)."""
+    arch: str = field(default="unet", metadata=_ADDED_LATER | _choices("unet", "dit"))
+    """unet: diffusers' UNet2DConditionModel (the fields above); dit: a diffusion transformer, diffusers' PixArtTransformer2DModel (adaLN-single, cross-attention to the text encoder's hidden states, caption projection), sized by the dit_* fields."""
+    patch_size: int = field(default=2, metadata=_ADDED_LATER | _at_least(1))
+    """dit: latent pixels per patch side (must divide the latent size); XL/2 is 2."""
+    dit_layers: int = field(default=4, metadata=_ADDED_LATER | _at_least(1))
+    """dit: transformer blocks (DiT-S/B: 12, L: 24, XL: 28)."""
+    dit_heads: int = field(default=4, metadata=_ADDED_LATER | _at_least(1))
+    """dit: attention heads (DiT-S: 6, B: 12, L and XL: 16)."""
+    dit_head_dim: int = field(default=16, metadata=_ADDED_LATER | _at_least(1))
+    """dit: channels per head; width = dit_heads x dit_head_dim (DiT-XL: 16 x 72 = 1152)."""
 
 
 @dataclass
@@ -207,6 +217,18 @@ class ScheduleSection:
     """beta at the first step (linear, scaled_linear)."""
     beta_end: float = field(default=0.02, metadata=_between(0, 1, lo_open=True, hi_open=True))
     """beta at the last step (linear, scaled_linear); at least beta_start."""
+    prediction: str = field(default="epsilon", metadata=_ADDED_LATER | _choices("epsilon", "v", "x0", "flow"))
+    """What the denoiser predicts: epsilon (the noise, Ho et al.), v (sqrt(abar) eps - sqrt(1 - abar) x_0, Salimans & Ho), x0 (the clean latent), or flow: rectified flow as SD3 trains it (x_t = (1 - sigma) x_0 + sigma eps, target eps - x_0; the beta fields are then unused)."""
+    zero_terminal_snr: bool = field(default=False, metadata=_ADDED_LATER)
+    """Rescale the betas so abar at the last step is 0 (Lin et al. 2023): sampling then starts from pure noise. Needs prediction v or x0 (epsilon says nothing at zero SNR)."""
+    timestep_sampling: str = field(default="uniform", metadata=_ADDED_LATER | _choices("uniform", "logit_normal"))
+    """flow: how training draws sigma: uniform in [0, 1], or logit_normal (SD3: sigma = sigmoid(N(logit_mean, logit_std)))."""
+    logit_mean: float = field(default=0.0, metadata=_ADDED_LATER | _between(-10, 10))
+    """flow, logit_normal: mean of the normal behind sigma."""
+    logit_std: float = field(default=1.0, metadata=_ADDED_LATER | _above(0))
+    """flow, logit_normal: std of the normal behind sigma."""
+    shift: float = field(default=1.0, metadata=_ADDED_LATER | _above(0))
+    """flow: sigma -> shift sigma / (1 + (shift - 1) sigma) in training and sampling (SD3 uses 3 at 1024 px; 1: none)."""
 
 
 @dataclass
@@ -253,6 +275,12 @@ class TrainSection(LoopSection):
     """EMA decay of the weights used for sampling."""
     cond_dropout: float = field(default=0.1, metadata=_between(0, 1, hi_open=True))
     """Probability of replacing a caption with the empty one (classifier-free guidance)."""
+    loss_weighting: str = field(default="none", metadata=_ADDED_LATER | _choices("none", "min_snr"))
+    """Per-sample loss weights: none, or min_snr (Hang et al. 2023: min(SNR, snr_gamma) against the objective's own SNR weighting); diffusion objectives only."""
+    snr_gamma: float = field(default=5.0, metadata=_ADDED_LATER | _above(0))
+    """min_snr: the SNR at which the weight saturates (the paper uses 5)."""
+    noise_offset: float = field(default=0.0, metadata=_ADDED_LATER | _between(0, 1))
+    """Add noise_offset x N(0, 1) per sample and channel to the training noise (offset noise: darker and brighter images); 0: off."""
 
 
 @dataclass
@@ -279,8 +307,8 @@ class GenerateSection:
     """Column of the prompts in a .jsonl/.parquet prompt file."""
     num_images: int = field(default=64, metadata=_at_least(1))
     """Images to generate (prompts are cycled if fewer)."""
-    sampler: str = field(default="ddim", metadata=_choices("ddpm", "ddim", "dpm"))
-    """DDPM ancestral (Ho et al. Algorithm 2), DDIM, or DPM-Solver++."""
+    sampler: str = field(default="ddim", metadata=_choices("ddpm", "ddim", "dpm", "euler"))
+    """DDPM ancestral (Ho et al. Algorithm 2), DDIM or DPM-Solver++ for the diffusion objectives; euler or dpm (DPM-Solver++ on flow sigmas) for schedule.prediction flow."""
     steps: int = field(default=50, metadata=_at_least(1))
     """Sampling steps."""
     guidance_scale: float = field(default=2.0, metadata=_at_least(0))
@@ -333,7 +361,8 @@ class EvalSection:
     """Guidance scales of the guidance sweep (with the configured sampler and steps)."""
     sweep_samplers: list[str] = field(
         default_factory=lambda: ["ddpm:1000", "ddim:50", "dpm:20"],
-        metadata=_matching(r"(ddpm|ddim|dpm):[1-9][0-9]*", "sampler:steps with sampler one of: ddpm, ddim, dpm and steps >= 1"),
+        metadata=_matching(r"(ddpm|ddim|dpm|euler):[1-9][0-9]*",
+                           "sampler:steps with sampler one of: ddpm, ddim, dpm, euler and steps >= 1"),
     )
     """sampler:steps pairs of the sampler sweep (with the configured guidance)."""
     report: bool = True
@@ -502,6 +531,15 @@ def check_fields(cfg: Config) -> None:
             _check_value(f"{sec.name}.{f.name}", getattr(section, f.name), f.metadata)
 
 
+DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm")
+FLOW_SAMPLERS = ("euler", "dpm")
+
+
+def samplers_for(prediction: str) -> tuple[str, ...]:
+    """The samplers that exist for an objective: euler and DPM-Solver++ (flow sigmas) for flow."""
+    return FLOW_SAMPLERS if prediction == "flow" else DIFFUSION_SAMPLERS
+
+
 def check_schedule(s: ScheduleSection) -> None:
     """The schedule's fields and beta_start <= beta_end. Also run by the diffusion math on whatever
     section it is handed, so a schedule built in code gets the same errors as one from YAML."""
@@ -511,6 +549,9 @@ def check_schedule(s: ScheduleSection) -> None:
         _check_value(f"schedule.{f.name}", getattr(s, f.name), f.metadata)
     if s.beta_schedule != "squaredcos_cap_v2" and s.beta_start > s.beta_end:  # the cosine schedule ignores both
         raise ConfigError(f"schedule.beta_start ({s.beta_start}) must be <= schedule.beta_end ({s.beta_end})")
+    if s.zero_terminal_snr and s.prediction in ("epsilon", "flow"):
+        raise ConfigError(f"schedule.zero_terminal_snr: needs schedule.prediction v or x0, not {s.prediction!r} "
+                          "(at zero SNR the noise is the input itself and x_0 cannot be recovered from it)")
 
 
 def validate(cfg: Config) -> None:
@@ -528,6 +569,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"vae.pretrained is set but vae.source is {cfg.vae.source!r}; set vae.source: pretrained")
     check_schedule(cfg.schedule)
     s = cfg.schedule
+    if s.prediction == "flow" and cfg.train.loss_weighting == "min_snr":
+        raise ConfigError("train.loss_weighting: min_snr is for the diffusion objectives; with schedule.prediction "
+                          "flow use schedule.timestep_sampling (uniform or logit_normal) to weight the noise levels")
+    allowed = samplers_for(s.prediction)
+    used = [("generate.sampler", cfg.generate.sampler)]
+    if cfg.eval.sweep_images:
+        used += [("eval.sweep_samplers", item.partition(":")[0]) for item in cfg.eval.sweep_samplers]
+    for key, sampler in used:
+        if sampler not in allowed:
+            raise ConfigError(f"{key}: {sampler!r} does not exist for schedule.prediction {s.prediction!r}; "
+                              f"choose one of: {', '.join(allowed)}")
     if cfg.generate.steps > s.num_train_timesteps:
         raise ConfigError(
             f"generate.steps ({cfg.generate.steps}) must be <= schedule.num_train_timesteps ({s.num_train_timesteps})"
@@ -546,15 +598,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.emoji_names / data.emoji_renders: only for data.source 'emoji', not {cfg.data.source!r}")
     if cfg.data.source == "shards" and not cfg.data.input_uri:
         raise ConfigError("data.input_uri: required when data.source is 'shards' (the prefix of your img2dataset output)")
-    for key, channels, groups in (
-        ("vae", cfg.vae.block_out_channels, cfg.vae.norm_num_groups),
-        ("denoiser", cfg.denoiser.block_out_channels, cfg.denoiser.norm_num_groups),
-    ):
+    if s.prediction == "flow" and cfg.eval.vlb_latents:
+        raise ConfigError("eval.vlb_latents: the variational bound is defined for the diffusion objectives "
+                          "(epsilon, v, x0); set it to 0 with schedule.prediction flow")
+    unet = cfg.denoiser.arch == "unet"
+    norms = [("vae", cfg.vae.block_out_channels, cfg.vae.norm_num_groups)]
+    if unet:
+        norms.append(("denoiser", cfg.denoiser.block_out_channels, cfg.denoiser.norm_num_groups))
+    for key, channels, groups in norms:
         bad = [c for c in channels if c % groups]
         if bad:
             raise ConfigError(f"{key}.norm_num_groups ({groups}) must divide every entry of {key}.block_out_channels {channels}")
     levels = len(cfg.denoiser.block_out_channels)
-    if not 0 <= cfg.denoiser.cross_attention_levels <= levels:
+    if unet and not 0 <= cfg.denoiser.cross_attention_levels <= levels:
         raise ConfigError(f"denoiser.cross_attention_levels: must be in [0, {levels}], got {cfg.denoiser.cross_attention_levels}")
     factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
     if cfg.vae.source != "pretrained" and cfg.data.image_size % factor:
@@ -564,7 +620,12 @@ def validate(cfg: Config) -> None:
             f"got {cfg.data.image_size}"
         )
     latent = cfg.data.image_size // factor
-    if cfg.vae.source != "pretrained" and latent % 2 ** (levels - 1):
+    if not unet and cfg.vae.source != "pretrained" and latent % cfg.denoiser.patch_size:
+        raise ConfigError(
+            f"denoiser.patch_size ({cfg.denoiser.patch_size}) must divide the latent size {latent} "
+            f"(data.image_size={cfg.data.image_size} over the VAE's factor {factor})"
+        )
+    if unet and cfg.vae.source != "pretrained" and latent % 2 ** (levels - 1):
         raise ConfigError(
             f"denoiser.block_out_channels: {levels} levels need a latent size divisible by {2 ** (levels - 1)}, "
             f"but data.image_size={cfg.data.image_size} gives {latent}"

@@ -134,6 +134,7 @@ FREE_FORM = {
     "vae.pretrained",  # path, URI or hub id; required with vae.source=pretrained (a cross-field check)
     "fid.enabled",  # bools: both values are fine
     "eval.report",
+    "schedule.zero_terminal_snr",  # a bool; its pairing with the prediction is a cross-field check
 }
 CONSTRAINTS = ("choices", "range", "nonempty", "pattern")
 
@@ -247,7 +248,7 @@ def test_range_bounds_themselves_pass_the_field_checks():
         ("vae.block_out_channels=[]", "vae.block_out_channels: must not be empty"),
         ("denoiser.block_out_channels=[16, 0]", "denoiser.block_out_channels[1]: must be >= 1, got 0"),
         ("eval.sweep_guidance=[1.0, -2.0]", "eval.sweep_guidance[1]: must be >= 0, got -2.0"),
-        ("eval.sweep_samplers=[ddim:50, euler:10]", "eval.sweep_samplers[1]: 'euler:10' is not allowed; use sampler:steps"),
+        ("eval.sweep_samplers=[ddim:50, heun:10]", "eval.sweep_samplers[1]: 'heun:10' is not allowed; use sampler:steps"),
         ("eval.sweep_samplers=[ddim:0]", "eval.sweep_samplers[0]: 'ddim:0' is not allowed"),
     ],
 )
@@ -266,6 +267,16 @@ def test_bad_value_names_its_key_and_what_is_allowed(override, message):
         (["data.image_size=18", "vae.block_out_channels=[16, 32, 32]"], ["data.image_size", "divisible by 4", "18"]),
         (["eval.sweep_samplers=[ddpm:2000]"], ["eval.sweep_samplers", "ddpm:2000", "schedule.num_train_timesteps"]),
         (["text_encoder.num_heads=64"], ["text_encoder.num_heads", "text_encoder.d_model"]),
+        # combinations of objective and sampler that do not exist
+        (["schedule.prediction=flow"], ["generate.sampler", "'ddim'", "flow", "euler, dpm"]),
+        (["generate.sampler=euler"], ["generate.sampler", "'euler'", "'epsilon'", "ddpm, ddim, dpm"]),
+        (["schedule.prediction=flow", "generate.sampler=euler", "eval.sweep_images=4"],
+         ["eval.sweep_samplers", "'ddpm'", "euler, dpm"]),
+        (["schedule.prediction=flow", "generate.sampler=euler", "train.loss_weighting=min_snr"],
+         ["train.loss_weighting", "min_snr", "schedule.timestep_sampling"]),
+        (["schedule.prediction=flow", "generate.sampler=euler", "eval.vlb_latents=4"], ["eval.vlb_latents", "flow"]),
+        (["schedule.zero_terminal_snr=true"], ["schedule.zero_terminal_snr", "v or x0", "'epsilon'"]),
+        (["denoiser.arch=dit", "denoiser.patch_size=3"], ["denoiser.patch_size", "latent size 8"]),
     ],
 )
 def test_cross_field_checks_name_both_keys(overrides, must_mention):
@@ -283,6 +294,10 @@ def test_cross_field_checks_name_both_keys(overrides, must_mention):
         ["data.image_size=17", "vae.source=pretrained", "vae.pretrained=some/vae"],  # factor unknown until loaded
         ["text_encoder.pretrained=some/t5", "text_encoder.num_heads=64"],  # the tiny T5's sizes are unused
         ["schedule.num_train_timesteps=10", "eval.sweep_samplers=[ddpm:10]", "train.max_failures=0"],
+        ["schedule.prediction=flow", "generate.sampler=euler", "eval.sweep_images=4",
+         "eval.sweep_samplers=[euler:10, dpm:5]"],
+        ["schedule.prediction=v", "schedule.zero_terminal_snr=true", "train.loss_weighting=min_snr"],
+        ["denoiser.arch=dit", "denoiser.block_out_channels=[7]"],  # the UNet's fields are unused by the DiT
     ],
 )
 def test_cross_field_checks_allow_what_works(overrides):

@@ -99,7 +99,7 @@ def test_schedule_tables_match_independent_products(name):
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
-@pytest.mark.parametrize("sampler", D.SAMPLERS)
+@pytest.mark.parametrize("sampler", D.DIFFUSION_SAMPLERS)
 def test_scheduler_betas_match_tables(name, sampler):
     cfg = SCHEDULES[name]
     tab = D.schedule_tables(cfg)
@@ -111,7 +111,7 @@ def test_scheduler_betas_match_tables(name, sampler):
 
 def test_make_scheduler_settings():
     cfg = ScheduleConfig(num_train_timesteps=500, beta_start=2e-4, beta_end=0.03)
-    ddpm, ddim, dpm = (D.make_scheduler(s, cfg) for s in D.SAMPLERS)
+    ddpm, ddim, dpm = (D.make_scheduler(s, cfg) for s in D.DIFFUSION_SAMPLERS)
     assert type(ddpm) is DDPMScheduler and type(ddim) is DDIMScheduler and type(dpm) is DPMSolverMultistepScheduler
     for sch in (ddpm, ddim, dpm):
         c = sch.config
@@ -127,14 +127,26 @@ def test_make_scheduler_settings():
 
 def test_unknown_sampler_names_allowed_values():
     for call in (
-        lambda: D.make_scheduler("euler"),
-        lambda: D.sample(lambda x, t: x, (1, 2), sampler="euler", steps=2),
-        lambda: D.nfe_per_image("euler", 10, 1.0),
+        lambda: D.make_scheduler("heun"),
+        lambda: D.sample(lambda x, t: x, (1, 2), sampler="heun", steps=2),
+        lambda: D.nfe_per_image("heun", 10, 1.0),
     ):
         with pytest.raises(ValueError) as exc:
             call()
         msg = str(exc.value)
-        assert "euler" in msg and all(name in msg for name in ("ddpm", "ddim", "dpm")), msg
+        assert "heun" in msg and all(name in msg for name in ("ddpm", "ddim", "dpm", "euler")), msg
+
+
+def test_a_sampler_that_does_not_exist_for_the_objective_is_refused():
+    flow = ScheduleConfig(prediction="flow")
+    for sampler, schedule, allowed in (("euler", ScheduleConfig(), "ddpm, ddim, dpm"),
+                                       ("ddpm", flow, "euler, dpm"), ("ddim", flow, "euler, dpm")):
+        for call in (lambda: D.make_scheduler(sampler, schedule),
+                     lambda: D.sample(lambda x, t: x, (1, 2), sampler=sampler, steps=2, schedule=schedule)):
+            with pytest.raises(ValueError, match=f"{sampler!r} does not exist for prediction .*allowed: {allowed}"):
+                call()
+    with pytest.raises(ValueError, match="'euler' does not exist for prediction 'v'"):  # the keyword wins
+        D.sample(lambda x, t: x, (1, 2), sampler="euler", steps=2, prediction="v")
 
 
 def test_a_bad_schedule_gets_the_configs_error_from_every_entry_point():

@@ -75,7 +75,7 @@ def compute() -> dict:
     def eps(xt, tt):
         return model(xt, tt, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
 
-    for sampler in diffusion.SAMPLERS:
+    for sampler in diffusion.DIFFUSION_SAMPLERS:
         sample = diffusion.sample(eps, (2, *MANIFEST["latent_shape"]), sampler=sampler, steps=4, seed=[7, 8],
                                   schedule=cfg.schedule)
         out[f"sample_{sampler}"] = _summary(sample)

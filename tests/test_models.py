@@ -86,3 +86,29 @@ def test_denoiser_cross_attends_to_text():
         y2 = unet(x, t, encoder_hidden_states=e2, encoder_attention_mask=mask).sample
     assert y1.shape == x.shape
     assert not torch.allclose(y1, y2)  # the text changes the prediction
+
+
+def test_dit_is_sized_from_config_and_cross_attends_to_text():
+    from pipeline.models.denoiser import build_denoiser_for, predict
+
+    cfg = config.load(os.path.join(ROOT, "configs", "tiny.yaml"),
+                      ["vae.source=random", "denoiser.arch=dit", "denoiser.dit_layers=2", "denoiser.dit_heads=2",
+                       "denoiser.dit_head_dim=8", "denoiser.patch_size=4"])
+    dit = build_denoiser_for(cfg, {"latent_shape": [4, 8, 8], "text_shape": [16, 32]})
+    assert type(dit).__name__ == "PixArtTransformer2DModel"
+    assert (len(dit.transformer_blocks), dit.inner_dim, dit.config.patch_size) == (2, 16, 4)
+    assert dit.config.caption_channels == 32 and dit.out_channels == 4  # text width in, no learned variance out
+    x, mask = torch.randn(2, 4, 8, 8), torch.ones(2, 16, dtype=torch.long)
+    e1, e2 = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        for t in (torch.tensor([10, 500]), torch.tensor([10.5, 500.0])):  # integer timesteps and flow's T * sigma
+            y1, y2 = predict(dit, x, t, e1, mask), predict(dit, x, t, e2, mask)
+            assert y1.shape == x.shape and not torch.allclose(y1, y2)
+        masked = mask.clone()
+        masked[:, 8:] = 0
+        e3 = e1.clone()
+        e3[:, 8:] = 99.0  # only masked-out tokens differ: the mask must hide them
+        torch.testing.assert_close(predict(dit, x, torch.tensor([10, 500]), e1, masked),
+                                   predict(dit, x, torch.tensor([10, 500]), e3, masked))
+    again = build_denoiser_for(cfg, {"latent_shape": [4, 8, 8], "text_shape": [16, 32]})
+    assert all(torch.equal(a, b) for a, b in zip(dit.state_dict().values(), again.state_dict().values()))  # seeded

@@ -8,13 +8,25 @@ float64 closed forms (computed the way openai/improved-diffusion computes them) 
 Ho et al. 2020 ("Denoising Diffusion Probabilistic Models").
 
 - :mod:`.schedule`  the noise schedule, its float64 tables, the forward process, the training loss
+- :mod:`.objectives` what the network predicts (epsilon, v, x0, rectified flow) and its loss weights
 - :mod:`.sampling`  DDPM / DDIM / DPM-Solver++ sampling and classifier-free guidance
 - :mod:`.vlb`       the variational bound (Ho et al. eq. 5) and bits per dimension
 
 Callers use the names re-exported here (``diffusion.sample``, ``diffusion.vlb_terms``).
 """
 
+from pipeline.diffusion.objectives import (
+    draw_noise_levels,
+    loss_weights,
+    model_time,
+    noisy_input,
+    predicted_eps,
+    predicted_x0,
+    shift_sigmas,
+    target,
+)
 from pipeline.diffusion.sampling import guided_eps, nfe_per_image, sample
+from pipeline.config import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
 from pipeline.diffusion.schedule import (
     SAMPLERS,
     TIMESTEP_SPACING,
@@ -37,12 +49,22 @@ from pipeline.diffusion.vlb import (
 )
 
 __all__ = [
+    "DIFFUSION_SAMPLERS",
+    "FLOW_SAMPLERS",
     "REVERSE_VARIANCES",
     "SAMPLERS",
     "TIMESTEP_SPACING",
     "add_noise",
     "bits_per_dim",
     "diffusion_loss",
+    "draw_noise_levels",
+    "loss_weights",
+    "model_time",
+    "noisy_input",
+    "predicted_eps",
+    "predicted_x0",
+    "shift_sigmas",
+    "target",
     "eps_to_posterior_mean",
     "gaussian_log_density",
     "guided_eps",

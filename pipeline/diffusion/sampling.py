@@ -23,6 +23,7 @@ seed gives the same noise on every device.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,17 +31,19 @@ import numpy as np
 import torch
 
 from pipeline.config import ScheduleSection
-from pipeline.diffusion.schedule import checked, check_sampler, make_scheduler
+from pipeline.diffusion.schedule import SAMPLERS, check_sampler, checked, make_scheduler
 
 
 def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_uncond + scale * (eps_cond - eps_uncond) (scale 1 = conditional)."""
+    """Classifier-free guidance: uncond + scale * (cond - uncond) (scale 1 = conditional). Linear, so the
+    same for every prediction type (eps, v, x_0, flow velocity)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
 def nfe_per_image(sampler: str, steps: int, guidance_scale: float = 1.0) -> int:
-    """Network evaluations per image: one per step (all three samplers), doubled under guidance (scale != 1)."""
-    check_sampler(sampler)
+    """Network evaluations per image: one per step (every sampler here), doubled under guidance (scale != 1)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     return int(steps) * (2 if guidance_scale != 1 else 1)
 
 
@@ -57,28 +60,35 @@ def _generators(seed: int | Sequence[int], batch: int) -> torch.Generator | list
 
 @torch.no_grad()
 def sample(
-    eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     shape: Sequence[int],
     *,
     sampler: str = "ddpm",
     steps: int = 1000,
     seed: int | Sequence[int] = 0,
     schedule: ScheduleSection | None = None,
+    prediction: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int], Any] | None = None,
 ) -> torch.Tensor:
-    """Draw x_0 of ``shape`` = [B, ...] by running ``sampler`` for ``steps`` steps from x_{T-1} ~ N(0, I).
+    """Draw x_0 of ``shape`` = [B, ...] by running ``sampler`` for ``steps`` steps from pure noise N(0, I).
 
-    ``eps_fn(x_t, t)`` returns the noise prediction for x_t ([B, ...], ``dtype``, on ``device``) at
-    timesteps ``t`` (LongTensor [B], all equal). Guidance, conditioning and autocast are ``eps_fn``'s
+    ``fn(x_t, t)`` returns the network's prediction for x_t ([B, ...], ``dtype``, on ``device``): what
+    ``prediction`` names (default ``schedule.prediction``; the schedule defaults to the config's, DDPM's
+    linear one). ``t`` is [B], all equal: the integer timestep (LongTensor) for epsilon, v and x0; for
+    flow the float T * sigma, sigma the noise level of x_t = (1 - sigma) x_0 + sigma eps (diffusers'
+    convention; see pipeline.diffusion.objectives). Guidance, conditioning and autocast are ``fn``'s
     business (see :func:`guided_eps`). ``seed``: an int seeds one generator for the whole batch
     (reproducible as a batch); a sequence of B ints gives sample i its own generator for its initial
     noise and every per-step noise (reproducible per sample, whatever else is in the batch).
     ``progress(i, steps)`` is called after step i (1-based). Runs under ``torch.no_grad``.
     """
-    check_sampler(sampler)
     schedule = checked(schedule)
+    if prediction is not None and prediction != schedule.prediction:
+        schedule = dataclasses.replace(schedule, prediction=prediction)
+        schedule = checked(schedule)
+    check_sampler(sampler, schedule.prediction)
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or shape[0] < 1:
         raise ValueError(f"shape must be [batch, ...] with batch >= 1, got {shape}")
@@ -89,24 +99,28 @@ def sample(
 
     device = torch.device(device)
     batch = shape[0]
+    flow = schedule.prediction == "flow"
 
     scheduler = make_scheduler(sampler, schedule)
     scheduler.set_timesteps(steps, device=device)
     generator = _generators(seed, batch)
 
-    x = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+    x = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
     timesteps = scheduler.timesteps
     total = len(timesteps)
     for i, t in enumerate(timesteps):
-        t_batch = torch.full((batch,), int(t), dtype=torch.long, device=device)
-        eps = eps_fn(scheduler.scale_model_input(x, t), t_batch)
-        if eps.shape != x.shape:
-            raise ValueError(f"eps_fn returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
-        # Only DDPM draws noise here (DDIM runs at eta = 0, DPM-Solver++ is an ODE solver);
+        if flow:  # the exact noise level of x (DPM-Solver's flow timesteps are rounded to integers)
+            t_batch = torch.full((batch,), float(scheduler.sigmas[i]) * schedule.num_train_timesteps, device=device)
+            x_in = x
+        else:
+            t_batch = torch.full((batch,), int(t), dtype=torch.long, device=device)
+            x_in = scheduler.scale_model_input(x, t)
+        out = fn(x_in, t_batch)
+        if out.shape != x.shape:
+            raise ValueError(f"fn returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+        # Only DDPM draws noise here (DDIM runs at eta = 0, DPM-Solver++ and Euler are ODE solvers);
         # passing the generator to all keeps any stochastic variant seeded the same way.
-        x = scheduler.step(eps.to(x.dtype), t, x, generator=generator).prev_sample.to(dtype)
+        x = scheduler.step(out.to(x.dtype), t, x, generator=generator).prev_sample.to(dtype)
         if progress is not None:
             progress(i + 1, total)
     return x
-
-

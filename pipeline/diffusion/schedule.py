@@ -42,11 +42,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ScheduleSection, check_schedule
+from pipeline.config import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, ScheduleSection, check_schedule, samplers_for
 
-SAMPLERS = ("ddpm", "ddim", "dpm")
+SAMPLERS = tuple(dict.fromkeys(DIFFUSION_SAMPLERS + FLOW_SAMPLERS))  # ddpm, ddim, dpm, euler
 """Sampler names accepted by :func:`make_scheduler`, :func:`pipeline.diffusion.sampling.sample` and
-:func:`pipeline.diffusion.sampling.nfe_per_image`."""
+:func:`pipeline.diffusion.sampling.nfe_per_image` (euler: flow only; ddpm, ddim: diffusion only)."""
 
 TIMESTEP_SPACING = "trailing"
 """diffusers ``timestep_spacing`` of all three samplers, which matters when ``steps < T``.
@@ -69,32 +69,54 @@ def checked(schedule: ScheduleSection | None) -> ScheduleSection:
     return schedule
 
 
-def check_sampler(sampler: str) -> None:
+def check_sampler(sampler: str, prediction: str = "epsilon") -> None:
+    """A sampler that exists for the objective: ddpm, ddim, dpm (diffusion), euler, dpm (flow)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    allowed = samplers_for(prediction)
+    if sampler not in allowed:
+        raise ValueError(f"sampler {sampler!r} does not exist for prediction {prediction!r}; allowed: {', '.join(allowed)}")
 
 
 def make_scheduler(sampler: str, schedule: ScheduleSection | None = None):
     """A fresh diffusers scheduler for ``sampler`` on ``schedule`` (default: the config's default `schedule`).
 
-    ``"ddpm"`` -> ``DDPMScheduler`` (variance_type "fixed_small", i.e. beta~_t; its ``add_noise`` is
-    the training-side forward process), ``"ddim"`` -> ``DDIMScheduler`` (eta = 0 at ``step``),
-    ``"dpm"`` -> ``DPMSolverMultistepScheduler`` (DPM-Solver++, order 2). All predict epsilon,
-    never clip or threshold x_0, and share the betas of ``schedule``. Schedulers are stateful:
-    make a new one per sampling run.
+    Diffusion objectives (``schedule.prediction`` epsilon, v, x0): ``"ddpm"`` -> ``DDPMScheduler``
+    (variance_type "fixed_small", i.e. beta~_t; its ``add_noise`` is the training-side forward process),
+    ``"ddim"`` -> ``DDIMScheduler`` (eta = 0 at ``step``), ``"dpm"`` -> ``DPMSolverMultistepScheduler``
+    (DPM-Solver++, order 2). They never clip or threshold x_0, share the betas of ``schedule`` and,
+    with ``zero_terminal_snr``, rescale them as Lin et al. 2023 do. Flow: ``"euler"`` ->
+    ``FlowMatchEulerDiscreteScheduler``, ``"dpm"`` -> DPM-Solver++ on flow sigmas, both with
+    ``schedule.shift``. Schedulers are stateful: make a new one per sampling run.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
-    check_sampler(sampler)
+    from pipeline.diffusion.objectives import DIFFUSERS_PREDICTION
+
     schedule = checked(schedule)
+    check_sampler(sampler, schedule.prediction)
+    T = schedule.num_train_timesteps
+    if schedule.prediction == "flow":
+        if sampler == "euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=schedule.shift)
+        return DPMSolverMultistepScheduler(num_train_timesteps=T, use_flow_sigmas=True, flow_shift=schedule.shift,
+                                           prediction_type="flow_prediction", algorithm_type="dpmsolver++",
+                                           solver_order=2, thresholding=False)
     common: dict[str, Any] = dict(
-        num_train_timesteps=schedule.num_train_timesteps,
+        num_train_timesteps=T,
         beta_schedule=schedule.beta_schedule,
         beta_start=schedule.beta_start,
         beta_end=schedule.beta_end,
-        prediction_type="epsilon",
+        prediction_type=DIFFUSERS_PREDICTION[schedule.prediction],
         timestep_spacing=TIMESTEP_SPACING,
     )
+    if schedule.zero_terminal_snr:
+        common["rescale_betas_zero_snr"] = True
     if sampler == "ddpm":
         return DDPMScheduler(**common, variance_type="fixed_small", clip_sample=False, thresholding=False)
     if sampler == "ddim":
@@ -117,6 +139,22 @@ def make_scheduler(sampler: str, schedule: ScheduleSection | None = None):
 
 
 def _betas_float64(schedule: ScheduleSection) -> np.ndarray:
+    betas = _base_betas_float64(schedule)
+    return rescale_zero_terminal_snr(betas) if schedule.zero_terminal_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(abar) so its last value is 0 and its first
+    unchanged; the betas that give it (the last beta is 1: x_{T-1} is pure noise)."""
+    sqrt_abar = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+def _base_betas_float64(schedule: ScheduleSection) -> np.ndarray:
     T = schedule.num_train_timesteps
     if schedule.beta_schedule == "linear":
         return np.linspace(schedule.beta_start, schedule.beta_end, T, dtype=np.float64)

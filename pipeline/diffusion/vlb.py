@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ScheduleSection
+from pipeline.diffusion.objectives import predicted_x0
 from pipeline.diffusion.schedule import (
     checked,
     extract,
@@ -101,6 +102,7 @@ def vlb_terms(
     generator: torch.Generator | None = None,
     batch_t: int | None = None,
     reverse_variance: str = "fixed_small",
+    prediction: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The variational bound -log p(x_0) <= L (Ho et al. eq. 5) of continuous data ``x0`` [B, ...], per sample.
 
@@ -120,14 +122,18 @@ def vlb_terms(
     (T-1)/k * sum of those k KLs, an unbiased estimate (k + 1 network evaluations per sample). Either way each
     term uses one fresh draw x_t ~ q(x_t | x_0), so ``total`` is an unbiased estimate of the bound's value at x_0.
 
-    ``eps_fn(x_t, t)``: as in :func:`sample` (x_t in x0's dtype and device, t a LongTensor [N] on that device),
-    except that t may differ across the batch. ``batch_t`` timesteps (default 1) are evaluated per call, i.e.
+    ``eps_fn(x_t, t)``: the network's output for ``prediction`` (default ``schedule.prediction``: epsilon, v
+    or x0), as in :func:`sample` (x_t in x0's dtype and device, t a LongTensor [N] on that device), except
+    that t may differ across the batch. ``batch_t`` timesteps (default 1) are evaluated per call, i.e.
     calls have batch size ``batch_t * B``. Noise (and, for int ``timesteps``, the timesteps) come from
     ``generator`` (on its device; default: torch's global RNG): order = reconstruction noise, [timesteps],
     then the denoising noise in chunk order. All math is float64 (so not on MPS); x_t is rounded to x0's dtype
     before the network sees it and the KLs use that rounded x_t. Runs under ``torch.no_grad``.
     """
     schedule = checked(schedule)
+    prediction = prediction or schedule.prediction
+    if prediction == "flow":
+        raise ValueError("the variational bound is defined here for the diffusion objectives (epsilon, v, x0), not flow")
     if reverse_variance not in REVERSE_VARIANCES:
         raise ValueError(f"unknown reverse_variance {reverse_variance!r}; allowed: {', '.join(REVERSE_VARIANCES)}")
     if not isinstance(x0, torch.Tensor) or x0.ndim < 1 or x0.shape[0] < 1:
@@ -163,10 +169,18 @@ def vlb_terms(
             raise ValueError(f"eps_fn returned shape {tuple(eps.shape)}, expected {tuple(x_in.shape)}")
         return x0_rep, x_in.to(torch.float64), eps.to(torch.float64)
 
+    def model_mean(x_t: torch.Tensor, t_flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """mu_theta(x_t, t): the eps form (Ho et al. eq. 11) for epsilon; else the posterior mean at the
+        predicted x_0, which stays finite where alpha_t = 0 (a zero-terminal-SNR schedule's last step)."""
+        if prediction == "epsilon":
+            return eps_to_posterior_mean(tables, x_t, t_flat, out)
+        x0_hat = predicted_x0(prediction, out, x_t, abar=extract(tables["alphas_cumprod"], t_flat, x_t))
+        return q_posterior_mean_variance(tables, x0_hat, x_t, t_flat)[0]
+
     def denoising_kl(t_flat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         x0_rep, x_t, eps = run_eps(t_flat, noise)
         true_mean, _ = q_posterior_mean_variance(tables, x0_rep, x_t, t_flat)
-        mean = eps_to_posterior_mean(tables, x_t, t_flat, eps)
+        mean = model_mean(x_t, t_flat, eps)
         kl = normal_kl(true_mean, extract(tables["q_logvar"], t_flat, x_t), mean, extract(tables["p_logvar"], t_flat, x_t))
         return _sum_dims(kl)  # [n * B], t-major
 
@@ -177,7 +191,7 @@ def vlb_terms(
     # L_0: -log p(x_0 | x_1), x_1 = table index 0, variance beta_0.
     t0 = torch.zeros(B, dtype=torch.long)
     _, x_1, eps_1 = run_eps(t0, _randn_like64(x0, 1, generator))
-    mean_0 = eps_to_posterior_mean(tables, x_1, t0, eps_1)
+    mean_0 = model_mean(x_1, t0, eps_1)
     reconstruction = -_sum_dims(gaussian_log_density(x0_64, mean_0, math.log(tables["betas"][0])))
 
     out: dict[str, torch.Tensor] = {}

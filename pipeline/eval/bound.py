@@ -15,7 +15,7 @@ def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
     and summed denoising-matching terms. Runs where it is called: the evaluation runs it as a Ray task
     (on a GPU when generate.use_gpu gives one)."""
     from pipeline.data.latents import numpy_column, read_latents
-    from pipeline.models.denoiser import load_ema_denoiser
+    from pipeline.models.denoiser import load_ema_denoiser, predict
 
     n = cfg.eval.vlb_latents
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,13 +26,12 @@ def variational_bound(cfg, manifest: dict, checkpoint_uri: str) -> dict:
     mask = torch.from_numpy(numpy_column(table, "text_mask", text_shape[:1], np.int64)).to(device)
     model = load_ema_denoiser(cfg, manifest, checkpoint_uri, device)
 
-    def eps_fn(x, t):
+    def fn(x, t):  # the prediction the model was trained for (vlb_terms reads schedule.prediction)
         with torch.no_grad():
-            out = model(x.float().to(device), t.to(device), encoder_hidden_states=emb, encoder_attention_mask=mask)
-            return out.sample.to("cpu", x.dtype)
+            return predict(model, x.float().to(device), t.to(device), emb, mask).to("cpu", x.dtype)
 
     t0 = time.time()
-    terms = diffusion.vlb_terms(eps_fn, x0, schedule=cfg.schedule,
+    terms = diffusion.vlb_terms(fn, x0, schedule=cfg.schedule,
                                 timesteps=cfg.eval.vlb_timesteps or "all",
                                 generator=torch.Generator().manual_seed(cfg.run.seed), batch_t=1)
     bits = diffusion.bits_per_dim(terms, tuple(x0.shape))

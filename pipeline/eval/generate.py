@@ -26,6 +26,7 @@ import torch
 
 from pipeline import diffusion, paths, storage
 from pipeline.devices import resolve_use_gpu, start_whole_pool
+from pipeline.models.denoiser import load_ema_denoiser, predict
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class Generator:
 
     def __init__(self, cfg_dict: dict, manifest: dict, checkpoint_uri: str):
         from pipeline.config import from_dict
-        from pipeline.models.denoiser import load_ema_denoiser
         from pipeline.models.text import build_text_encoder
         from pipeline.models.vae import build_vae_for
 
@@ -70,19 +70,19 @@ class Generator:
         self.latent_shape = tuple(manifest["latent_shape"])
         self.null_emb, self.null_mask = self.text.encode([""], self.device)
 
-    def eps_fn(self, emb, mask, scale: float):
-        def eps(x, t):
+    def predictor(self, emb, mask, scale: float):
+        """fn(x_t, t) for diffusion.sample: the denoiser's prediction, guided (one batched call for the
+        conditional and unconditional halves) unless scale is 1."""
+        def fn(x, t):
             if scale == 1.0:
-                return self.model(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+                return predict(self.model, x, t, emb, mask)
             b = x.shape[0]
-            both = self.model(
-                torch.cat([x, x]), torch.cat([t, t]),
-                encoder_hidden_states=torch.cat([emb, self.null_emb.expand(b, -1, -1)]),
-                encoder_attention_mask=torch.cat([mask, self.null_mask.expand(b, -1)]),
-            ).sample
+            both = predict(self.model, torch.cat([x, x]), torch.cat([t, t]),
+                           torch.cat([emb, self.null_emb.expand(b, -1, -1)]),
+                           torch.cat([mask, self.null_mask.expand(b, -1)]))
             return diffusion.guided_eps(both[:b], both[b:], scale)
 
-        return eps
+        return fn
 
     def images(self, prompts: list[str], seeds: list[int], sampler: str, steps: int,
                guidance_scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +91,7 @@ class Generator:
 
         emb, mask = self.text.encode(list(prompts), self.device)
         latents = diffusion.sample(
-            self.eps_fn(emb, mask, float(guidance_scale)), (len(prompts), *self.latent_shape), sampler=sampler,
+            self.predictor(emb, mask, float(guidance_scale)), (len(prompts), *self.latent_shape), sampler=sampler,
             steps=int(steps), seed=[int(s) for s in seeds], schedule=self.cfg.schedule, device=self.device,
         )
         return decode_latents(self.vae, latents), latents.float().flatten(1).std(dim=1).cpu().numpy()

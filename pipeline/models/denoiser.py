@@ -1,5 +1,7 @@
-"""The latent denoiser: a diffusers UNet2DConditionModel cross-attending to T5 embeddings, built from
-config (seeded random init) or loaded with a training checkpoint's EMA weights."""
+"""The latent denoiser, built from config (seeded random init) or loaded with a training checkpoint's
+EMA weights: a diffusers UNet2DConditionModel (`denoiser.arch: unet`) or a diffusion transformer,
+diffusers' PixArtTransformer2DModel (`dit`: adaLN-single timestep conditioning, cross-attention to the
+text encoder's hidden states through a caption projection). Both are called through `predict`."""
 
 from __future__ import annotations
 
@@ -36,12 +38,43 @@ def build_denoiser(cfg, *, latent_channels: int, latent_size: int, cross_attenti
         )
 
 
+def build_dit(cfg, *, latent_channels: int, latent_size: int, text_dim: int, seed: int):
+    """cfg: a DenoiserSection with arch dit. The caption projection maps the text width to the
+    transformer's (dit_heads x dit_head_dim); no size or aspect-ratio conditioning (one resolution)."""
+    from diffusers import PixArtTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PixArtTransformer2DModel(
+            num_attention_heads=cfg.dit_heads,
+            attention_head_dim=cfg.dit_head_dim,
+            in_channels=latent_channels,
+            out_channels=latent_channels,  # no learned variance: the objective's prediction only
+            num_layers=cfg.dit_layers,
+            cross_attention_dim=cfg.dit_heads * cfg.dit_head_dim,
+            caption_channels=text_dim,
+            sample_size=latent_size,
+            patch_size=cfg.patch_size,
+            use_additional_conditions=False,
+        )
+
+
 def build_denoiser_for(cfg, manifest: dict) -> torch.nn.Module:
     """The denoiser of a pipeline Config, sized from the latent dataset's manifest (latent shape, text width)."""
     c, h, _ = manifest["latent_shape"]
-    return build_denoiser(
-        cfg.denoiser, latent_channels=c, latent_size=h, cross_attention_dim=manifest["text_shape"][1], seed=cfg.run.seed
-    )
+    text_dim = manifest["text_shape"][1]
+    if cfg.denoiser.arch == "dit":
+        return build_dit(cfg.denoiser, latent_channels=c, latent_size=h, text_dim=text_dim, seed=cfg.run.seed)
+    return build_denoiser(cfg.denoiser, latent_channels=c, latent_size=h, cross_attention_dim=text_dim, seed=cfg.run.seed)
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The denoiser's output for latents x at times t (see pipeline.diffusion.sampling.sample), given the
+    text embeddings and their mask; `model` may be DDP-wrapped (it is called, not its module)."""
+    bare = model.module if hasattr(model, "module") else model
+    if type(bare).__name__ == "PixArtTransformer2DModel":
+        return model(x, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask).sample
+    return model(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
 
 
 def load_ema_denoiser(cfg, manifest: dict, checkpoint_uri: str, device="cpu") -> torch.nn.Module:

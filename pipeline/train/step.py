@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import diffusion
-from pipeline.models.denoiser import build_denoiser_for
+from pipeline.diffusion.objectives import is_flow as diffusion_is_flow
+from pipeline.models.denoiser import build_denoiser_for, predict
 
 
 @dataclass
@@ -19,7 +20,7 @@ class DenoisingObjective:
     """What the denoiser's step needs besides the model and the batch."""
 
     noise_scheduler: object
-    """The DDPMScheduler whose add_noise gives q(x_t | x_0)."""
+    """The DDPMScheduler whose add_noise gives q(x_t | x_0) (None for flow, whose x_t is a closed form)."""
     null_emb: torch.Tensor
     """T5 embedding of the empty caption [L, D], the unconditional input for guidance dropout."""
     null_mask: torch.Tensor
@@ -77,7 +78,7 @@ def build_train_state(cfg, manifest: dict, null_emb, null_mask, *, rank: int = 0
         seed=cfg.run.seed,
         rank=rank,
         objective=DenoisingObjective(
-            noise_scheduler=diffusion.make_scheduler("ddpm", cfg.schedule),
+            noise_scheduler=None if diffusion_is_flow(cfg.schedule) else diffusion.make_scheduler("ddpm", cfg.schedule),
             null_emb=torch.as_tensor(null_emb, dtype=torch.float32),
             null_mask=torch.as_tensor(null_mask, dtype=torch.int64),
         ),
@@ -91,12 +92,14 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> dict:
-    """One optimizer step on the DDPM objective ||eps - eps_theta(x_t, t, c)||^2.
+    """One optimizer step on the configured objective (schedule.prediction: epsilon, v, x0 or flow;
+    pipeline.diffusion.objectives), with train.loss_weighting and train.noise_offset.
 
     batch: latent [B,C,h,w], text_emb [B,L,D], text_mask [B,L]. Returns per-sample losses with each
-    sample's timestep quartile (for the loss-by-quartile curve) and the gradient norm.
+    sample's noise-level quartile (for the loss-by-quartile curve) and the gradient norm.
     """
     obj: DenoisingObjective = state.objective
+    schedule = cfg.schedule
     device = next(state.model.parameters()).device
     g = state.generator.manual_seed(step_seed(state.seed, state.rank, state.step))
     x0 = batch["latent"].float()
@@ -109,20 +112,26 @@ def train_step(state: TrainState, batch: dict, cfg, *, autocast_dtype=None) -> d
     emb = torch.where(drop[:, None, None], obj.null_emb.expand_as(emb), emb)
     mask = torch.where(drop[:, None], obj.null_mask.expand_as(mask), mask)
     noise = torch.randn(x0.shape, generator=g)
-    T = obj.noise_scheduler.config.num_train_timesteps
-    t = diffusion.sample_timesteps(b, T, g)
-    x_t = diffusion.add_noise(obj.noise_scheduler, x0, noise, t)
+    level = diffusion.draw_noise_levels(schedule, b, g)  # timestep t, or flow's sigma
+    if cfg.train.noise_offset:  # offset noise: a per-sample, per-channel shift the model must also remove
+        noise = noise + cfg.train.noise_offset * torch.randn((b, x0.shape[1], *([1] * (x0.ndim - 2))), generator=g)
+    x_t = diffusion.noisy_input(schedule, obj.noise_scheduler, x0, noise, level)
+    want = diffusion.target(schedule, obj.noise_scheduler, x0, noise, level)
+    weights = diffusion.loss_weights(schedule, obj.noise_scheduler, level, cfg.train.loss_weighting, cfg.train.snr_gamma)
+    t_in = diffusion.model_time(schedule, level)
 
-    x_t, t_dev, emb, mask, noise = (v.to(device) for v in (x_t, t, emb, mask, noise))
+    x_t, t_dev, emb, mask, want = (v.to(device) for v in (x_t, t_in, emb, mask, want))
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        pred = state.model(x_t, t_dev, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
-    per_sample = diffusion.diffusion_loss(pred, noise, reduction="none")
+        pred = predict(state.model, x_t, t_dev, emb, mask)
+    per_sample = diffusion.diffusion_loss(pred, want, reduction="none")
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device)
     loss = per_sample.mean()
 
     grad_norm, applied = apply_update(state, loss, cfg.train.grad_clip)
-    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(),
-            "quartile": (t * 4 // T).clamp(max=3), "grad_norm": grad_norm,
-            "n": b, "applied": applied}
+    quartile = (level * 4).long() if diffusion_is_flow(schedule) else level * 4 // schedule.num_train_timesteps
+    return {"loss": loss.item(), "per_sample": per_sample.detach().cpu(), "quartile": quartile.clamp(0, 3),
+            "grad_norm": grad_norm, "n": b, "applied": applied}
 
 
 def apply_update(state: TrainState, loss: torch.Tensor, grad_clip: float) -> tuple[float, bool]:
