@@ -170,6 +170,10 @@ class VAESection:
     """Untrained VAE only: GroupNorm groups (must divide every block's channels)."""
 
 
+DIT_SIZES = {"tiny": (2, 2, 16), "S": (12, 6, 64), "B": (12, 12, 64), "L": (24, 16, 64), "XL": (28, 16, 72)}
+"""Named diffusion-transformer sizes: (layers, heads, channels per head); XL is PixArt-alpha's / DiT-XL's."""
+
+
 @dataclass
 class DenoiserSection:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64], metadata=_nonempty() | _at_least(1))
@@ -183,7 +187,9 @@ class DenoiserSection:
     norm_num_groups: int = field(default=16, metadata=_at_least(1))
     """GroupNorm groups (must divide every block's channels)."""
     arch: str = field(default="unet", metadata=_ADDED_LATER | _choices("unet", "dit"))
-    """unet: diffusers' UNet2DConditionModel (the fields above); dit: a diffusion transformer, diffusers' PixArtTransformer2DModel (adaLN-single, cross-attention to the text encoder's hidden states, caption projection), sized by the dit_* fields."""
+    """unet: diffusers' UNet2DConditionModel (the fields above); dit: a diffusion transformer, diffusers' PixArtTransformer2DModel (adaLN-single, cross-attention to the text encoder's hidden states, caption projection), sized by dit_size."""
+    dit_size: str = field(default="custom", metadata=_ADDED_LATER | _choices("custom", *DIT_SIZES))
+    """dit: a named size, (layers, heads, head dim): tiny (2, 2, 16), S (12, 6, 64), B (12, 12, 64), L (24, 16, 64), XL (28, 16, 72) as in Peebles & Xie; custom: the dit_* fields below."""
     patch_size: int = field(default=2, metadata=_ADDED_LATER | _at_least(1))
     """dit: latent pixels per patch side (must divide the latent size); XL/2 is 2."""
     dit_layers: int = field(default=4, metadata=_ADDED_LATER | _at_least(1))
@@ -192,6 +198,10 @@ class DenoiserSection:
     """dit: attention heads (DiT-S: 6, B: 12, L and XL: 16)."""
     dit_head_dim: int = field(default=16, metadata=_ADDED_LATER | _at_least(1))
     """dit: channels per head; width = dit_heads x dit_head_dim (DiT-XL: 16 x 72 = 1152)."""
+
+    def dit_dims(self) -> tuple[int, int, int]:
+        """(layers, heads, channels per head) of the transformer: the named size's, or the dit_* fields."""
+        return DIT_SIZES.get(self.dit_size, (self.dit_layers, self.dit_heads, self.dit_head_dim))
 
 
 @dataclass

@@ -30,6 +30,22 @@ def test_cluster_example_is_cluster_scale():
     assert cfg.denoiser.block_out_channels == [320, 640, 1280, 1280]
 
 
+def test_cluster_transformer_example_is_pixart_xl2_sized():
+    """configs/cluster_dit256.yaml builds an XL/2 transformer (PixArt-alpha: about 0.6 B parameters) on
+    256 px images' 32x32x4 latents, 256 tokens; built on the meta device (no memory, no weights)."""
+    import torch
+
+    from pipeline.models.denoiser import build_denoiser_for
+
+    cfg = config.load(os.path.join(ROOT, "configs", "cluster_dit256.yaml"))
+    assert (cfg.denoiser.arch, cfg.denoiser.dit_dims(), cfg.schedule.prediction) == ("dit", (28, 16, 72), "flow")
+    with torch.device("meta"):
+        dit = build_denoiser_for(cfg, {"latent_shape": [4, 32, 32], "text_shape": [77, 768]})
+    n = sum(p.numel() for p in dit.parameters())
+    assert 5.5e8 < n < 7.0e8, n
+    assert (32 // cfg.denoiser.patch_size) ** 2 == 256
+
+
 def test_overrides_are_typed_and_applied():
     cfg = config.load(os.path.join(ROOT, "configs", "tiny.yaml"),
                       ["train.steps=7", "train.lr=1e-3", "generate.sampler=dpm", "vae.block_out_channels=[8, 16]",

@@ -39,19 +39,20 @@ def build_denoiser(cfg, *, latent_channels: int, latent_size: int, cross_attenti
 
 
 def build_dit(cfg, *, latent_channels: int, latent_size: int, text_dim: int, seed: int):
-    """cfg: a DenoiserSection with arch dit. The caption projection maps the text width to the
-    transformer's (dit_heads x dit_head_dim); no size or aspect-ratio conditioning (one resolution)."""
+    """cfg: a DenoiserSection with arch dit (its dit_dims()). The caption projection maps the text width
+    to the transformer's (heads x head dim); no size or aspect-ratio conditioning (one resolution)."""
     from diffusers import PixArtTransformer2DModel
 
+    layers, heads, head_dim = cfg.dit_dims()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return PixArtTransformer2DModel(
-            num_attention_heads=cfg.dit_heads,
-            attention_head_dim=cfg.dit_head_dim,
+            num_attention_heads=heads,
+            attention_head_dim=head_dim,
             in_channels=latent_channels,
             out_channels=latent_channels,  # no learned variance: the objective's prediction only
-            num_layers=cfg.dit_layers,
-            cross_attention_dim=cfg.dit_heads * cfg.dit_head_dim,
+            num_layers=layers,
+            cross_attention_dim=heads * head_dim,
             caption_channels=text_dim,
             sample_size=latent_size,
             patch_size=cfg.patch_size,
