@@ -413,8 +413,11 @@ def test_private_head_of_a_stage_is_stopped_on_signals(sig: str, tmp_path) -> No
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"HOME": str(tmp_path), "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path)}
     # One pipe for both streams, read to the end: a second, undrained pipe could fill and block the child.
+    # SIGINT back to its default in the child: ignored (pytest started as a script's `... &`), it would
+    # stay ignored across exec and the Ctrl-C case would prove nothing.
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=ROOT, env=env)
+                            text=True, cwd=ROOT, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         while not any(line.startswith("CPUS") for line in lines):

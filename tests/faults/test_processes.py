@@ -84,6 +84,10 @@ def _wait_until(predicate, timeout: float, step: float = 0.25):
         time.sleep(step)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Driver:
     """A `python -m jobs.demo` (or other) subprocess in a session of its own, its output collected."""
 
@@ -93,9 +97,12 @@ class Driver:
             env.pop(k, None)  # the demo brings its own services
         env["PYTHONUNBUFFERED"] = "1"
         # From Python, not a shell's `cmd &`: a non-interactive shell starts background jobs with
-        # SIGINT ignored, and a SIGINT test would then prove nothing.
+        # SIGINT ignored, and a SIGINT test would then prove nothing. An ignored signal stays ignored
+        # across exec, so when pytest itself was started that way (`pytest ... &` in a script), the
+        # driver would inherit it and Python would leave Ctrl-C off: restore the default first.
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+                                     preexec_fn=_default_sigint)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
