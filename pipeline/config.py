@@ -291,6 +291,10 @@ class TrainSection(LoopSection):
     """min_snr: the SNR at which the weight saturates (the paper uses 5)."""
     noise_offset: float = field(default=0.0, metadata=_ADDED_LATER | _between(0, 1))
     """Add noise_offset x N(0, 1) per sample and channel to the training noise (offset noise: darker and brighter images); 0: off."""
+    compile: bool = field(default=False, metadata=_ADDED_LATER)
+    """torch.compile the denoiser in place (nn.Module.compile: the checkpoint's keys stay the same); pays off on GPUs after the first steps' compilation."""
+    gradient_checkpointing: bool = field(default=False, metadata=_ADDED_LATER)
+    """Recompute the denoiser's activations in the backward pass (diffusers' enable_gradient_checkpointing): less memory for about a third more compute."""
 
 
 @dataclass

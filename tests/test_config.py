@@ -151,6 +151,8 @@ FREE_FORM = {
     "fid.enabled",  # bools: both values are fine
     "eval.report",
     "schedule.zero_terminal_snr",  # a bool; its pairing with the prediction is a cross-field check
+    "train.compile",
+    "train.gradient_checkpointing",
 }
 CONSTRAINTS = ("choices", "range", "nonempty", "pattern")
 

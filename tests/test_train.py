@@ -282,3 +282,40 @@ def test_retention_keeps_the_newest_and_never_the_one_just_written(tmp_path):
     again = save_to_storage(str(tmp_path / "local"), str(tmp_path / "run"), 4, num_to_keep=2)
     steps = candidates(str(tmp_path / "run"))
     assert [s for s, _ in steps] == [4, 6] and steps[0][1] == again  # the older step-4 folder was pruned
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_gradient_checkpointing_changes_memory_not_results(arch):
+    """train.gradient_checkpointing recomputes activations in the backward pass: the same loss and the
+    same updated weights as without, step for step."""
+    batch = {k: v[:8] for k, v in _data().items()}
+    states = []
+    for ckpt in ("false", "true"):
+        cfg = _cfg(f"denoiser.arch={arch}", f"train.gradient_checkpointing={ckpt}", "train.warmup_steps=0")
+        state = build_train_state(cfg, MANIFEST, *NULL)
+        losses = [train_step(state, batch, cfg)["loss"] for _ in range(2)]
+        states.append((state, losses))
+    (plain, plain_losses), (ckpt, ckpt_losses) = states
+    assert ckpt.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    assert plain_losses == pytest.approx(ckpt_losses, rel=1e-6, abs=1e-7)
+    for a, b in zip(plain.model.parameters(), ckpt.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_step_bench_runs_without_ray():
+    """bench/gpu_step.py must run where only torch, diffusers and transformers are installed: here on
+    the CPU with the tiny transformer, in a fresh interpreter that never imports Ray or s3fs."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, sys; sys.path.insert(0, 'bench'); import gpu_step; "
+              "out = gpu_step.main(['--device', 'cpu', '--arch', 'tiny', '--batch', '4', '--steps', '2', '--warmup', '1']); "
+              "print('RESULT', json.dumps(out)); print('MODULES', json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+             if line.startswith(("RESULT ", "MODULES "))}
+    (result,) = lines["RESULT"]
+    assert result["arch"] == "tiny" and result["GFLOP_per_step"] > 0 and result["step_ms"] > 0 and result["MFU"] is None
+    assert "ray" not in lines["MODULES"] and "s3fs" not in lines["MODULES"]

@@ -242,6 +242,8 @@ def ray_worker(config: dict) -> None:
         ray.train.report(metrics)
 
     autocast = torch.bfloat16 if device.type == "cuda" and loop.mixed_precision == "bf16" else None
+    if device.type == "cuda":  # TF32 for what autocast leaves in float32 (the optimizer, the loss)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run_loop(cfg, state, batches, report, step_fn=task.step, loop=loop, world_size=world, autocast_dtype=autocast,
              on_batch=on_batch)
     # What fit() returns (Ray Train's Result carries metrics only with a checkpoint); an attempt that
