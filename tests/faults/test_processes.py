@@ -495,42 +495,55 @@ def test_keep_python_sigint_handler_restores_and_reports_ctrl_c() -> None:
     assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was put back
 
 
+FIT_SCRIPT = """
+import json, signal, sys
+import ray, ray.train
+from ray.train.torch import TorchTrainer
+from pipeline.signals import keep_python_sigint_handler
+
+def loop():  # in __main__: pickled by value (workers cannot import this script)
+    return None
+
+# Python's own Ctrl-C handler, as in a driver started from a terminal (one started by a script's
+# `pytest ... &` would inherit SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+ray.init(address=sys.argv[1], logging_level="WARNING")
+before = signal.getsignal(signal.SIGINT)
+with keep_python_sigint_handler():
+    TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False,
+                                                              resources_per_worker={"CPU": 1}),
+                 run_config=ray.train.RunConfig(name="sigint", storage_path=sys.argv[2])).fit()
+    left = signal.getsignal(signal.SIGINT)  # as fit() left it: what a driver without the wrapper keeps
+print("RESULT", json.dumps({"before": getattr(before, "__qualname__", repr(before)),
+                            "left": getattr(left, "__qualname__", repr(left)),
+                            "left_is_before": left is before,
+                            "after_is_before": signal.getsignal(signal.SIGINT) is before}), flush=True)
+ray.shutdown()
+"""
+
+
 def test_ray_train_fit_keeps_its_sigint_handler_unless_wrapped(ray_cluster, tmp_path) -> None:
     """The fault itself: a real TorchTrainer.fit() (1 CPU worker, a loop that returns at once) leaves
     SIGINT's handler changed: Ray Train's own, which swallows a later Ctrl-C, instead of the one in
     place before. keep_python_sigint_handler puts the previous one back when its block ends.
 
     One fit (about 20 s on 2 cores) shows both: what fit() left is looked at inside the block, where
-    the context manager has not acted yet (it only restores on exit), then again after the block."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    the context manager has not acted yet (it only restores on exit), then again after the block.
 
-    from pipeline.signals import keep_python_sigint_handler
-
-    def loop() -> None:  # defined here, so that it is pickled by value (workers cannot import tests)
-        return None
-
-    import ray
-
-    # The session's head, whatever an earlier test did to this process's connection: after a serial run of
-    # tests/faults/test_network.py and the tests above, fit() once waited forever in Ray's
-    # export_actor_class (not reproduced with this test alone; suspected: a connection to a head an
-    # earlier test had stopped).
-    if ray.is_initialized() and ray.get_runtime_context().gcs_address != ray_cluster.address:
-        ray.shutdown()
-    if not ray.is_initialized():
-        ray_cluster.connect()
-    before = signal.getsignal(signal.SIGINT)
-    assert callable(before)
-    try:
-        with keep_python_sigint_handler():
-            TorchTrainer(loop,
-                         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False,
-                                                                resources_per_worker={"CPU": 1}),
-                         run_config=ray.train.RunConfig(name="sigint", storage_path=str(tmp_path / "train"))).fit()
-            left = signal.getsignal(signal.SIGINT)  # as fit() left it: what a driver without the wrapper keeps
-            assert left is not before, "Ray Train restores SIGINT's handler now: keep_python_sigint_handler may go"
-            assert "_register_sigint_handler" in getattr(left, "__qualname__", ""), left  # Ray Train's
-        assert signal.getsignal(signal.SIGINT) is before
-    finally:
-        signal.signal(signal.SIGINT, before)
+    The fit runs in a driver process of its own (a fresh `python -c`, as a user's job is), joined to
+    the session's head. Run inside pytest's process after the tests above, fit() once waited forever
+    in Ray's export_actor_class (GCS InternalKVPut never answered, no bytes sent; token and address
+    right): what an earlier test leaves in pytest's process is not what this test is about."""
+    env = {**os.environ, **ray_cluster.auth_env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": ROOT}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", FIT_SCRIPT, ray_cluster.address, str(tmp_path / "train")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    m = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
+    assert m, out[-4000:]
+    result = json.loads(m.group(1))
+    assert result["before"] == "default_int_handler", result  # Python's own: Ctrl-C raises KeyboardInterrupt
+    assert not result["left_is_before"], "Ray Train restores SIGINT's handler now: keep_python_sigint_handler may go"
+    assert "_register_sigint_handler" in result["left"], result  # Ray Train's
+    assert result["after_is_before"], result
