@@ -295,6 +295,8 @@ class TrainSection(LoopSection):
     """torch.compile the denoiser in place (nn.Module.compile: the checkpoint's keys stay the same); pays off on GPUs after the first steps' compilation."""
     gradient_checkpointing: bool = field(default=False, metadata=_ADDED_LATER)
     """Recompute the denoiser's activations in the backward pass (diffusers' enable_gradient_checkpointing): less memory for about a third more compute."""
+    parallel: str = field(default="ddp", metadata=_ADDED_LATER | _choices("ddp", "fsdp"))
+    """How the workers share the model: ddp = a whole copy on each (gradients all-reduced); fsdp = FSDP2, each worker holds 1/num_workers of the weights, AdamW moments and EMA (blocks all-gathered for their forward and backward). Checkpoints are the same either way: a run may resume under the other."""
 
 
 @dataclass

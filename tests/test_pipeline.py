@@ -89,10 +89,13 @@ def test_train_resumes_from_latest_checkpoint(chain):
 
     first = chain["train"]
     assert first["steps"] == 6 and first["resumed_from"] == 0 and np.isfinite(first["final_loss"])
-    cfg2 = config.load(TINY, chain["overrides"] + ["train.steps=12"])  # later overrides win
+    # Later overrides win. The resumed run shards the model over two workers (FSDP2) from the one-worker
+    # DDP run's checkpoint; the checkpoints it writes are whole-tensor ones that the tests below generate from.
+    cfg2 = config.load(TINY, chain["overrides"] + ["train.steps=12", "train.parallel=fsdp", "train.num_workers=2"])
     second = fit(cfg2)
     assert second["resumed_from"] == 6  # the step counter continues; nothing restarts from zero
-    assert second["steps"] == 12
+    assert second["steps"] == 12 and np.isfinite(second["final_loss"])
+    assert first["parallel"] == "ddp" and second["parallel"] == "fsdp" and second["num_workers"] == 2
     latest = latest_checkpoint_uri(cfg2)
     assert storage.read_json(storage.join(latest, "manifest.json"))["step"] == 12
     # Rank 0's own upload (manifest last) under our names, and our retention of num_to_keep.

@@ -71,9 +71,12 @@ def build_denoiser_for(cfg, manifest: dict) -> torch.nn.Module:
 
 def predict(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The denoiser's output for latents x at times t (see pipeline.diffusion.sampling.sample), given the
-    text embeddings and their mask; `model` may be DDP-wrapped (it is called, not its module)."""
+    text embeddings and their mask; `model` may be DDP-wrapped (it is called, not its module), or sharded
+    by FSDP2 (which makes its class a subclass of the model's)."""
+    from diffusers import PixArtTransformer2DModel
+
     bare = model.module if hasattr(model, "module") else model
-    if type(bare).__name__ == "PixArtTransformer2DModel":
+    if isinstance(bare, PixArtTransformer2DModel):
         return model(x, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask).sample
     return model(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.train import data as train_data
-from pipeline.train import tasks
+from pipeline.train import sharding, tasks
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.step import TrainState, build_train_state, load_state_dict, state_dict, train_step
 
@@ -171,8 +171,10 @@ def ray_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     task = tasks.get(config["task"])
-    state = task.build_state(cfg, config["prepared"], rank=rank, wrap=ray.train.torch.prepare_model)
     loop = task.loop(cfg)
+    sharded = getattr(loop, "parallel", "ddp") == "fsdp"  # the denoiser's train.parallel
+    wrap = (lambda m: sharding.shard_model(m, device)) if sharded else ray.train.torch.prepare_model
+    state = task.build_state(cfg, config["prepared"], rank=rank, wrap=wrap)
     # One rule for what to resume from, here and in generate: the newest stored checkpoint that verifies
     # (checkpoint_store), not Ray Train's registry. Rank 0 chooses; every rank loads that folder.
     from pipeline import checkpoint_store
@@ -235,9 +237,11 @@ def ray_worker(config: dict) -> None:
         samples.write(ckpt_state.step)
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's record is stored before rank 0 commits the checkpoint
+        # Under FSDP every rank takes part in gathering the whole tensors; under DDP rank 0 has them all.
+        sd = state_dict(ckpt_state) if rank == 0 or sharded else None
         if rank == 0:  # our upload (manifest last) and retention; Ray Train is told metrics only
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, state_dict(ckpt_state), checkpoint_info(cfg, ckpt_state, config.get("data_identity")))
+                save_checkpoint(tmp, sd, checkpoint_info(cfg, ckpt_state, config.get("data_identity")))
                 checkpoint_store.save_to_storage(tmp, config["run_uri"], ckpt_state.step, loop.num_to_keep)
         ray.train.report(metrics)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from pipeline import diffusion
 from pipeline.diffusion.objectives import is_flow as diffusion_is_flow
 from pipeline.models.denoiser import build_denoiser_for, predict
+from pipeline.train.sharding import full_tree, is_sharded, shard_like, shard_model_state, shard_optimizer_state
 
 
 @dataclass
@@ -31,7 +33,7 @@ class TrainState:
     """Everything a training loop carries between steps, for every task (pipeline.train.tasks)."""
 
     model: torch.nn.Module
-    """The trained module (possibly DDP-wrapped)."""
+    """The trained module (possibly DDP-wrapped, or sharded in place by FSDP2: pipeline.train.sharding)."""
     ema: object | None
     """diffusers EMAModel over the model's parameters (None: no EMA)."""
     optimizer: torch.optim.Optimizer
@@ -57,12 +59,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_train_state(cfg, manifest: dict, null_emb, null_mask, *, rank: int = 0, wrap=None) -> TrainState:
-    """cfg: Config. `wrap` turns the bare model into the trained one (DDP via Ray's prepare_model)."""
+    """cfg: Config. `wrap` turns the bare model into the trained one (DDP via Ray's prepare_model, or
+    pipeline.train.sharding.shard_model)."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     model = build_denoiser_for(cfg, manifest)
-    ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay)
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if cfg.train.compile:
@@ -70,7 +72,8 @@ def build_train_state(cfg, manifest: dict, null_emb, null_mask, *, rank: int = 0
     if wrap is not None:
         model = wrap(model)
     device = next(model.parameters()).device
-    ema.to(device)
+    # Over the wrapped model's parameters: on its device, and sharded like them under FSDP.
+    ema = EMAModel(unwrap(model).parameters(), decay=cfg.train.ema_decay)
     # The fused CUDA kernel does the whole update in a few launches; the CPU keeps the reference loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=device.type == "cuda")
@@ -149,6 +152,8 @@ def apply_update(state: TrainState, loss: torch.Tensor, grad_clip: float) -> tup
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     finite = torch.isfinite(grad_norm.detach()) & torch.isfinite(loss.detach())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = finite.to(torch.int32)
@@ -167,12 +172,13 @@ def apply_update(state: TrainState, loss: torch.Tensor, grad_clip: float) -> tup
 
 
 def state_dict(state: TrainState) -> dict:
+    """The whole training state with whole tensors: under FSDP a collective (call it on every rank)."""
     from pipeline.checkpoint import rng_state
 
     return {
-        "model": unwrap(state.model).state_dict(),
-        "ema": state.ema.state_dict() if state.ema is not None else None,
-        "optimizer": state.optimizer.state_dict(),
+        "model": full_tree(unwrap(state.model).state_dict()),
+        "ema": full_tree(state.ema.state_dict()) if state.ema is not None else None,
+        "optimizer": full_tree(state.optimizer.state_dict()),
         "lr_scheduler": state.lr_scheduler.state_dict(),
         "rng": rng_state(),
         "step": state.step,
@@ -185,10 +191,15 @@ def state_dict(state: TrainState) -> dict:
 def load_state_dict(state: TrainState, sd: dict) -> None:
     from pipeline.checkpoint import set_rng_state
 
-    unwrap(state.model).load_state_dict(sd["model"])
+    model = unwrap(state.model)
+    sharded = is_sharded(model)  # a checkpoint holds whole tensors (whatever wrote it); FSDP keeps pieces
+    model.load_state_dict(shard_model_state(model, sd["model"]) if sharded else sd["model"])
     if state.ema is not None:
         state.ema.load_state_dict(sd["ema"])
-    state.optimizer.load_state_dict(sd["optimizer"])
+        if sharded:
+            state.ema.shadow_params = [shard_like(v, p) for v, p in zip(state.ema.shadow_params, model.parameters())]
+    state.optimizer.load_state_dict(shard_optimizer_state(state.optimizer, sd["optimizer"]) if sharded
+                                    else sd["optimizer"])
     state.lr_scheduler.load_state_dict(sd["lr_scheduler"])
     set_rng_state(sd["rng"])
     state.step, state.epoch, state.batch_in_epoch = sd["step"], sd["epoch"], sd["batch_in_epoch"]

@@ -157,6 +157,7 @@ def fit(cfg, task: str = "denoiser") -> dict:
         "checkpoint": latest_checkpoint_uri(cfg, task),  # what generate will load
         "seconds": round(time.time() - t0, 2),
         "num_workers": loop.num_workers,
+        "parallel": getattr(loop, "parallel", "ddp"),  # the autoencoder always trains under DDP
         "use_gpu": use_gpu,
         "restarts": len(attempts) - 1,  # worker groups Ray Train restarted after a lost worker or node
         "nodes": attempts[-1]["nodes"] if attempts else [],
