@@ -60,8 +60,9 @@ def ray_cluster(s3: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 #: Run last. After an in-process TorchTrainer.fit(), test_a_ray_head_alone_is_guarded_too (another Ray
-#: head started and SIGKILLed on the machine) leaves this process's Ray driver unable to reach the GCS:
-#: its next call waits forever (README, known gaps). Nothing after these tests uses that driver.
+#: head started and SIGKILLed on the machine) left this process's Ray driver unable to reach the GCS:
+#: its next call waited forever (README, known gaps). The file disconnects that driver first, and
+#: nothing after it needs one.
 LAST_FILES = ("tests/faults/test_processes.py",)
 
 

@@ -36,6 +36,19 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 # ------------------------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_driver_in_this_process():
+    """This file's tests start and SIGKILL other Ray heads on the machine. After an in-process fit, a
+    Ray driver connected in pytest's process then lost its GCS for good (README, known gaps; even
+    ray.shutdown() waited forever). So it is disconnected first: the file runs last (conftest.py), and
+    its one Ray Train test joins the session's head from a driver process of its own."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+
+
 @pytest.fixture
 def short_run_dir():
     """A run folder short enough that Ray's temp dir is RUN_DIR/ray (no /tmp fallback): every service
