@@ -68,6 +68,5 @@ LAST_FILES = ("tests/faults/test_processes.py",)
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Move the tests of LAST_FILES to the end, keeping every other order."""
-    last = [item for item in items if item.nodeid.startswith(LAST_FILES)]
-    if last:
-        items[:] = [item for item in items if item not in last] + last
+    is_last = [item.nodeid.startswith(LAST_FILES) for item in items]
+    items[:] = [i for i, last in zip(items, is_last) if not last] + [i for i, last in zip(items, is_last) if last]

@@ -24,8 +24,8 @@ BLOCK_MODULES = ("mid_block",)
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move `model` to `device` and shard it in place over the default process group (a one-rank
-    group, or none initialized at all on one process, also works: nothing is split then)."""
+    """Move `model` to `device` and shard it in place over the default process group, which must exist
+    (Ray Train sets it up; a one-rank group works and splits nothing)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
