@@ -203,6 +203,26 @@ def test_local_services_stop_everything_even_on_ctrl_c(tmp_path) -> None:
     assert os.path.getsize(os.path.join(run_dir, "logs", "weed.log")) > 0
 
 
+def test_workers_find_their_own_head_with_another_one_up(ray_cluster, tmp_path) -> None:
+    """Code in a worker that asks the State API without an address (Ray Train's placement-group
+    cleaner does) gets our cluster while another head runs on the machine. Without RAY_ADDRESS in the
+    head's environment Ray scans for GCS processes, finds two and raises "Found multiple active Ray
+    instances" (seen in CI: the cleaner's thread died)."""
+    import ray
+    from ray._private.services import find_gcs_addresses
+
+    @ray.remote(num_cpus=0)
+    def nodes_seen() -> list[str]:
+        from ray.util.state import list_nodes
+
+        return sorted(n.node_id for n in list_nodes())
+
+    with LocalRay(str(tmp_path / "other"), num_cpus=1):
+        assert len(find_gcs_addresses()) >= 2  # the condition that broke the scan is there
+        seen = ray.get(nodes_seen.remote(), timeout=120)
+    assert seen == sorted(n["NodeID"] for n in ray.nodes())
+
+
 def test_failed_start_cleans_up(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A weed that never becomes ready is stopped, and the error shows the log tail."""
     server = SeaweedS3(str(tmp_path), start_timeout=0.5)

@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline import config, paths, storage
 from pipeline.data import schema
 from pipeline.data.shards import build_tar
+from tests.run_logs import explain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -158,7 +159,7 @@ def test_ray_job_submit_runs_a_stage(chain, ray_cluster):
            *chain["overrides"], "generate.num_images=4", "generate.sampler=dpm", "generate.steps=5",
            "fid.enabled=false", "run.name=tiny"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, explain(proc)
     assert "succeeded" in (proc.stdout + proc.stderr)
     info = storage.read_json(f"{prefix}/outputs/tiny/generate/generate.json")
     assert info["n"] == 4 and info["sampler"] == "dpm"
@@ -241,7 +242,7 @@ def test_demo_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jobs.demo", "--config", TINY, "--run-dir", str(run_dir),
                            "train.num_workers=2", "vae_train.num_workers=2"],
                           capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, explain(proc, str(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["stages"]) == {"ingest", "train_vae", "encode", "train", "generate+fid"}
     assert np.isfinite(summary["vae"]["test_psnr"]) and summary["vae"]["steps"] == 10

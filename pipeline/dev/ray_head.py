@@ -220,6 +220,11 @@ class LocalRay:
         env.pop("RAY_AUTH_TOKEN_PATH", None)  # RAY_AUTH_TOKEN wins anyway; leave no doubt which token
         env.update(self.auth_env)
         env.update({k: str(port) for k, port in self.env_ports.items()})
+        if "port" in self.ports:
+            # Code in workers that finds "the" cluster by itself (Ray Train's placement-group cleaner
+            # asks the State API with no address) would otherwise scan the machine for GCS processes
+            # and fail once another run's head is up: "Found multiple active Ray instances".
+            env["RAY_ADDRESS"] = self.address
         return env
 
     @property
