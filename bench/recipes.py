@@ -91,7 +91,8 @@ def main(argv=None) -> list[dict]:
     config_path = argv[argv.index("--config") + 1]
     cli.setup_logging()
     shared = ["vae.source=pretrained", f"vae.pretrained={paths.vae_export(cfg)}", f"train.steps={args.steps}",
-              f"train.checkpoint_every={args.every}", f"train.num_to_keep={args.steps // args.every + 1}"]
+              f"train.checkpoint_every={args.every}", f"train.num_to_keep={args.steps // args.every + 1}",
+              "eval.sweep_samplers=[dpm:20]", "eval.vlb_latents=0"]  # no sweeps or bound here (not all exist for flow)
     # Every recipe's config is checked before any work starts.
     cfgs = {n: config.load(config_path, base + shared + RECIPES[n] + [f"run.name={cfg.run.name}-{n}"]) for n in names}
     run_dir, rows = os.path.abspath(args.run_dir), []
