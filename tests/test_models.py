@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.text_encoder_speed import full_padding  # the encoder as it ran before: every caption to max_length
 from pipeline import config
 from pipeline.models.denoiser import build_denoiser
 from pipeline.models.text import build_text_encoder
@@ -30,15 +31,6 @@ def test_untrained_text_encoder_is_seeded_frozen_and_labelled():
     assert not any(p.requires_grad for p in a.model.parameters())
 
 
-def _full_padding_reference(text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """What encode() computed before it de-duplicated captions and padded to the longest: every caption
-    padded to max_length, through the model as one batch."""
-    tok = text.tokenizer(captions, padding="max_length", truncation=True, max_length=text.max_length, return_tensors="pt")
-    with torch.no_grad():
-        hidden = text.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-    return hidden * tok["attention_mask"].unsqueeze(-1), tok["attention_mask"]
-
-
 def _encode_seeing_shapes(text, captions: list[str]):
     """text.encode(captions), and the input_ids shapes the model was called with."""
     seen = []
@@ -59,7 +51,7 @@ def test_encode_runs_each_distinct_caption_once_and_matches_full_padding(pretrai
     captions = ["a cat", "a grinning face", "a cat", "", "a cat", "a very long caption with many more words than the sixteen tokens that max length keeps of it"]
     (emb, mask), seen = _encode_seeing_shapes(text, captions)
     assert seen == [(4, 16)]  # 4 distinct captions; the longest is cut at max_length
-    want_emb, want_mask = _full_padding_reference(text, captions)
+    want_emb, want_mask = full_padding(text, captions)
     assert emb.shape == want_emb.shape and torch.equal(mask, want_mask)
     torch.testing.assert_close(emb, want_emb, rtol=0, atol=2e-5)
     assert torch.equal(emb[0], emb[2]) and torch.equal(emb[0], emb[4])
@@ -67,7 +59,7 @@ def test_encode_runs_each_distinct_caption_once_and_matches_full_padding(pretrai
     short = ["a cat", "a dog"]
     (emb, mask), seen = _encode_seeing_shapes(text, short)
     assert seen[0][1] < 16 and emb.shape[1] == 16  # the model saw only the longest caption's tokens
-    torch.testing.assert_close(emb, _full_padding_reference(text, short)[0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(emb, full_padding(text, short)[0], rtol=0, atol=2e-5)
 
 
 def test_pretrained_t5_folder_loads_its_encoder_only(tmp_path):
